@@ -1,0 +1,254 @@
+"""Portable checkpoints: `config.json` + `model.safetensors`, loaded strictly and never through pickle.
+
+    model.save_pretrained("out/")            # any zoo model (PretrainedMixin)
+    model = load_pretrained("out/")          # rebuilds from config.json, loads strictly, returns eval mode
+
+Other on-disk formats (for example the official CTM checkpoints) plug in with `register_checkpoint_format`, so
+that `load_pretrained` and `biozoo convert` accept them too. Torch pickles are only opened with
+`weights_only=True`: a pickle that would run code is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ._registry import create_model, get_builder
+from .errors import BiozooError, CheckpointError, UnknownNameError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "biozoo"
+FORMAT_VERSION = 1
+
+
+class PretrainedMixin:
+    """Gives an nn.Module `save_pretrained`, `from_pretrained` and `biozoo_config`.
+
+    The constructor's keyword arguments are recorded when the object is created, so a model built directly
+    (`MLP(64, 10)`) saves as well as one built by `create_model`. They must be JSON-serialisable.
+    """
+
+    registry_name: str | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        obj = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(obj, *args, **kwargs)
+            bound.apply_defaults()
+            init_kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
+            for p in inspect.signature(cls.__init__).parameters.values():
+                if p.kind is p.VAR_KEYWORD:
+                    init_kwargs.update(init_kwargs.pop(p.name, {}))
+        except TypeError:
+            init_kwargs = None  # the constructor itself will raise the clearer error
+        object.__setattr__(obj, "_init_kwargs", init_kwargs)
+        return obj
+
+    def biozoo_config(self) -> dict[str, Any]:
+        """{"model": registered name, "kwargs": constructor arguments}: enough to rebuild this model."""
+        config = self.__dict__.get("_biozoo_config")
+        if config is not None:
+            return config
+        if self.registry_name is None or self._init_kwargs is None:
+            raise CheckpointError(f"{type(self).__name__} is not a registered model, so it cannot be saved portably")
+        return {"model": self.registry_name, "kwargs": self._init_kwargs}
+
+    def save_pretrained(self, save_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        return save_pretrained(self, save_dir, metadata)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> nn.Module:
+        model = load_pretrained(path, **overrides)
+        if not isinstance(model, cls):
+            raise CheckpointError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_pretrained(model: nn.Module, save_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write config.json and model.safetensors (tied or shared tensors are stored once) into `save_dir`."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    if not hasattr(model, "biozoo_config"):
+        raise CheckpointError(f"{type(model).__name__} has no biozoo_config(); only zoo models save portably")
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.biozoo_config()}
+    if metadata:
+        config["metadata"] = metadata
+    try:
+        text = json.dumps(config, indent=2, sort_keys=False)
+    except TypeError as e:
+        raise CheckpointError(f"cannot save {config['model']}: a constructor argument is not JSON-serialisable ({e})") from None
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / CONFIG_NAME).write_text(text + "\n")
+    save_model(model, str(save_dir / WEIGHTS_NAME), metadata={"format": "pt", "biozoo_model": config["model"]})
+    return save_dir
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(e)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _names(keys: Iterable[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: Path | str) -> None:
+    """Raise one CheckpointError naming mismatched shapes, missing and unexpected keys, if any."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [f"{k} {shapes[k]} vs model {expected[k]}" for k in shapes if k in expected and shapes[k] != expected[k]]
+    if bad:
+        raise CheckpointError(f"{source} does not match the model: shape mismatch for {_names(bad, 3)}")
+    unexpected = set(shapes) - set(expected)
+    if unexpected:
+        raise CheckpointError(f"{source} does not match the model: unexpected keys {_names(unexpected)}")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load model.safetensors (or a folder holding it) strictly into `model`."""
+    path = Path(path)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if not file.exists():
+        raise CheckpointError(f"no weights at {file}")
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{file} is not a .safetensors file; convert it with `biozoo export` or `biozoo convert`")
+    check_state_dict(model, read_safetensors_shapes(file), file)
+    try:
+        missing, unexpected = load_model(model, str(file), strict=False)
+    except (SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"could not load {file}: {first_line(e)}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not match the model: missing keys {_names(missing)}"
+                              + (f"; unexpected keys {_names(unexpected)}" if unexpected else ""))
+    return model
+
+
+def model_from_config(config: dict[str, Any], source: Path | str, **overrides: Any) -> nn.Module:
+    if config.get("format") != FORMAT or "model" not in config:
+        raise CheckpointError(f"{source} is not a biozoo config (no \"format\": \"biozoo\" and \"model\" keys)")
+    if config.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{source} was written by a newer biozoo (format {config['format_version']}); upgrade biozoo")
+    try:
+        get_builder(config["model"])
+    except UnknownNameError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return create_model(config["model"], **{**config.get("kwargs", {}), **overrides})
+
+
+# Other checkpoint formats --------------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointFormat:
+    name: str
+    detect: Callable[[Path], bool]  # cheap test on a path (file or folder)
+    load: Callable[[Path], nn.Module]  # returns a zoo model with its weights
+    description: str = ""
+
+
+_formats: dict[str, CheckpointFormat] = {}
+
+
+def register_checkpoint_format(name: str, detect: Callable[[Path], bool], load: Callable[[Path], nn.Module],
+                               description: str = "") -> None:
+    if name in _formats:
+        raise BiozooError(f"checkpoint format {name!r} is already registered")
+    _formats[name] = CheckpointFormat(name, detect, load, description)
+
+
+def list_checkpoint_formats() -> dict[str, CheckpointFormat]:
+    return dict(_formats)
+
+
+def convert_checkpoint(format_name: str, src: str | Path, out_dir: str | Path) -> Path:
+    """Read a foreign checkpoint with the named format's loader and write it in the portable format."""
+    from ._registry import suggest
+
+    if format_name not in _formats:
+        raise UnknownNameError(f"unknown checkpoint format {format_name!r}.{suggest(format_name, list(_formats))} "
+                               f"Known: {', '.join(sorted(_formats)) or 'none'}")
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"no checkpoint at {src}")
+    return save_pretrained(_formats[format_name].load(src), out_dir)
+
+
+def safe_torch_load(path: str | Path, allowed: Iterable[type] = ()) -> Any:
+    """torch.load with weights_only=True; a pickle that needs anything else is refused without running it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused to load {path}: it holds Python objects that unpickling would run or "
+                              f"import ({first_line(e)[:160]}). Only weights-only checkpoints are accepted") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"could not read {path} as a torch checkpoint (truncated or corrupt?): {first_line(e)}") from None
+
+
+def model_from_lightning_checkpoint(ckpt: dict[str, Any], source: Path | str) -> nn.Module:
+    """Rebuild the zoo model inside a biozoo Lightning checkpoint (the task stores its config there)."""
+    config = ckpt.get("biozoo_model_config")
+    if config is None:
+        raise CheckpointError(f"{source} is a Lightning checkpoint without biozoo_model_config; was it written by biozoo?")
+    model = model_from_config({"format": FORMAT, **config}, source)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    check_state_dict(model, {k: tuple(v.shape) for k, v in state.items()}, source)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise CheckpointError(f"{source} does not match the model: missing keys {_names(result.missing_keys)}")
+    return model
+
+
+def load_pretrained(path: str | Path, **overrides: Any) -> nn.Module:
+    """Load a model from a portable folder, a .safetensors file with config.json beside it, a biozoo Lightning
+    .ckpt, or any registered foreign format. Always strict; returns the model in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / CONFIG_NAME
+    config = None
+    if config_file.exists() and (path.is_dir() or path.suffix == ".safetensors"):
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    if isinstance(config, dict) and config.get("format") == FORMAT:
+        model = model_from_config(config, config_file, **overrides)
+        load_weights(model, path if path.suffix == ".safetensors" else folder / WEIGHTS_NAME)
+        return model.eval()
+    for fmt in _formats.values():
+        if fmt.detect(path):
+            return fmt.load(path).eval()
+    if path.is_file() and path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
+        ckpt = safe_torch_load(path)
+        if isinstance(ckpt, dict) and "state_dict" in ckpt:
+            return model_from_lightning_checkpoint(ckpt, path).eval()
+        raise CheckpointError(f"{path} is a torch file biozoo does not recognise; known formats: "
+                              f"biozoo, {', '.join(_formats) or 'none'}")
+    raise CheckpointError(f"{path} holds no {CONFIG_NAME} + {WEIGHTS_NAME} and matches no known checkpoint format")

@@ -1,0 +1,140 @@
+"""Default callbacks of every biozoo run.
+
+- `RunCheckpoint`: ModelCheckpoint with `save_last`, writing to `<default_root_dir>/checkpoints` (not inside a
+  logger version), so `--ckpt_path last` finds the previous run's checkpoint and an interrupted fit resumes.
+- `ExceptionCheckpoint`: on Ctrl-C or a crash, saves the exact state mid-epoch into the same folder.
+- `LearningCurvePlot`: at the end of fit, plots the logged metrics to `learning_curve.png` beside
+  `metrics.csv` and prints where the checkpoint, metrics and plot are.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def run_checkpoint_dir(trainer: L.Trainer) -> str:
+    return os.path.join(trainer.default_root_dir, "checkpoints")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    def __init__(self, dirpath: str | None = None, filename: str = "epoch{epoch:03d}-step{step}",
+                 monitor: str | None = "val/loss", mode: str = "min", save_top_k: int = 1, save_last: bool = True,
+                 every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
+                 save_on_train_epoch_end: bool | None = None):
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_top_k=save_top_k,
+                         save_last=save_last, every_n_train_steps=every_n_train_steps,
+                         every_n_epochs=every_n_epochs, auto_insert_metric_name=False,
+                         save_on_train_epoch_end=save_on_train_epoch_end)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = run_checkpoint_dir(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        if self.dirpath is None:
+            self.dirpath = run_checkpoint_dir(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+
+class ExceptionCheckpoint(OnExceptionCheckpoint):
+    def __init__(self, dirpath: str | None = None, filename: str = "on_exception"):
+        super().__init__(dirpath=dirpath or ".", filename=filename)
+        self._dirpath_given = dirpath is not None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._dirpath_given:
+            self.dirpath = run_checkpoint_dir(trainer)
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a finished fit supersedes an older interrupted one: never resume from the stale exception state
+        if trainer.is_global_zero and os.path.exists(self.ckpt_path):
+            os.remove(self.ckpt_path)
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """{metric: [(step, value), ...]} from a Lightning CSVLogger metrics.csv."""
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            step = float(row.get("step") or 0)
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series[key].append((step, float(value)))
+    return dict(series)
+
+
+def plot_learning_curves(series: dict[str, list[tuple[float, float]]], out: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = defaultdict(list)  # one panel per metric kind: loss, acc, ...
+    for name in sorted(series):
+        if name.endswith("_step") or name.startswith("lr"):
+            continue
+        kind = name.split("/")[-1].removesuffix("_epoch")
+        groups[kind].append(name)
+    n = max(1, len(groups))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False)
+    for ax, (kind, names) in zip(axes[0], sorted(groups.items())):
+        for name in names:
+            steps, values = zip(*series[name])
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=name.removesuffix("_epoch"))
+        ax.set_xlabel("step")
+        ax.set_title(kind)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+class LearningCurvePlot(L.Callback):
+    """Writes learning_curve.png next to metrics.csv at the end of fit and prints where the outputs are."""
+
+    def __init__(self, filename: str = "learning_curve.png", verbose: bool = True):
+        self.filename, self.verbose = filename, verbose
+        self.plot_path: Path | None = None
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        lines = []
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "best_model_path", ""):
+            lines.append(f"checkpoint (best): {ckpt.best_model_path}")
+        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+            lines.append(f"checkpoint (last): {ckpt.last_model_path}")
+        if csv_logger is not None:
+            csv_logger.save()
+            metrics = Path(csv_logger.log_dir) / "metrics.csv"
+            if metrics.exists():
+                self.plot_path = plot_learning_curves(read_metrics_csv(metrics), metrics.parent / self.filename,
+                                                      title=type(pl_module.model).__name__
+                                                      if hasattr(pl_module, "model") else "")
+                lines += [f"metrics: {metrics}", f"learning curve: {self.plot_path}"]
+        for key in ("val/acc", "val/loss"):
+            value = trainer.callback_metrics.get(key)
+            if value is not None and math.isfinite(float(value)):
+                lines.append(f"final {key}: {float(value):.4f}")
+        if self.verbose and lines:
+            print("\n".join(["", "biozoo run outputs:"] + [f"  {line}" for line in lines]), flush=True)

@@ -1,0 +1,58 @@
+"""Logger choices. CSV is the default; TensorBoard and W&B are selected in YAML, e.g.
+
+    trainer:
+      logger:
+        - class_path: biozoo.train.WandbLogger   # offline automatically when no W&B account is set up
+          init_args: {project: biozoo}
+
+Loggers whose `save_dir` is left out write under the run's `trainer.default_root_dir` (the CLI fills it in).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger; `save_dir` defaults to the run's default_root_dir (filled in by the CLI)."""
+
+    def __init__(self, save_dir: str | None = None, name: str = "logs", version: int | str | None = None,
+                 flush_logs_every_n_steps: int = 50):
+        super().__init__(save_dir or ".", name=name, version=version, flush_logs_every_n_steps=flush_logs_every_n_steps)
+
+
+class TensorBoardLogger(_LightningTensorBoardLogger):
+    """Lightning's TensorBoardLogger; `save_dir` defaults to the run's default_root_dir (filled in by the CLI)."""
+
+    def __init__(self, save_dir: str | None = None, name: str = "tensorboard", version: int | str | None = None,
+                 **kwargs: Any):
+        super().__init__(save_dir or ".", name=name, version=version, **kwargs)
+
+
+def wandb_account_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's WandbLogger that runs offline (files under save_dir/wandb, sync later with `wandb sync`)
+    when no account is configured or WANDB_MODE=offline, instead of prompting for a login."""
+
+    def __init__(self, name: str | None = None, save_dir: str | None = None, project: str = "biozoo",
+                 offline: bool | None = None, log_model: bool = False, **kwargs: Any):
+        save_dir = save_dir or "."
+        if offline is None:
+            offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_account_configured()
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(name=name, save_dir=save_dir, project=project, offline=offline,
+                         log_model=False if offline else log_model, **kwargs)
