@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -94,7 +95,8 @@ def _list(argv: list[str]) -> int:
             yield from subclasses(sub)
 
     if args.pattern is None:
-        data = sorted({f"{c.__module__}.{c.__name__}" for c in subclasses(BiozooDataModule)})
+        data = sorted({f"{c.__module__}.{c.__name__}" for c in subclasses(BiozooDataModule)
+                       if c.dims is not BiozooDataModule.dims})  # skip abstract bases
         tasks = sorted({f"{c.__module__}.{c.__name__}" for c in subclasses(BiozooTask)})
         console.print("[bold]tasks[/bold] (model.class_path): " + ", ".join(tasks))
         console.print("[bold]data[/bold] (data.class_path): " + ", ".join(data))
@@ -148,6 +150,16 @@ def _convert(argv: list[str]) -> int:
 COMMANDS = {"list": _list, "export": _export, "convert": _convert}
 
 
+def _one_line(error: BaseException) -> str:
+    """The useful part of an error on one line (jsonargparse's union errors hide it inside a long dump)."""
+    text = " ".join(str(error).split())
+    problem = re.search(r"Parser key \"([^\"]+)\".*?Problem with given class_path '([^']+)': (.+?)(?: - Expected| Given value|$)", text)
+    if problem:
+        key, class_path, reason = problem.groups()
+        return f"{key} ({class_path}): {reason.strip()}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     try:
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     except (BiozooError, ArgumentError) as e:
         if os.environ.get("BIOZOO_DEBUG"):
             raise
-        print(f"biozoo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"biozoo: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # anything else still gets one line, with the way to see more
         if os.environ.get("BIOZOO_DEBUG"):
