@@ -6,6 +6,13 @@ from ._registry import (PretrainedCfg, create_model, get_pretrained_cfg, list_mo
                         register_model, register_pretrained)
 from .errors import BiozooError, CheckpointError, DataNotFoundError, ShapeError, UnknownNameError
 from . import baselines  # noqa: F401  (registers mlp, lstm, resnet)
+from . import ncap  # noqa: F401  (registers ncap, ncap_unshared, mlp_policy, mlp_policy_256)
+from . import ccrnn  # noqa: F401  (registers ccrnn, ccrnn_linedraw, ccrnn_seqmnist)
+from . import taugate  # noqa: F401  (registers the hidden taugate rebuilder)
+from . import ctm  # noqa: F401  (registers ctm, ctm_lstm, ctm_parity, ctm_sort and the sakana-ctm format)
+from . import ctm_variants  # noqa: F401  (registers ctm_qamnist, ctm_rl, ctm_rl_agent)
+from . import dendrites  # noqa: F401  (registers the hidden dendrites rebuilder)
+from . import neuroformer  # noqa: F401  (registers neuroformer, neuroformer_official)
 from . import weights  # noqa: F401  (registers the shipped pretrained checkpoints)
 
 __all__ = [

@@ -205,3 +205,22 @@ def test_checkpoint_path_finetuning_starts_from_weights(tmp_path):
                           checkpoint_path=str(tmp_path))
     state = load_file(tmp_path / "model.safetensors")
     assert torch.equal(task.model.head.weight, state["head.weight"])
+
+
+def test_models_never_import_lightning_and_the_package_maps_folders():
+    import ast
+
+    import biozoo.envs
+    import biozoo.models
+    import biozoo.train
+
+    from conftest import REPO
+
+    assert biozoo.models.__file__ == str(REPO / "models" / "__init__.py")
+    assert biozoo.train.__file__ == str(REPO / "train" / "__init__.py")
+    assert biozoo.envs.__file__ == str(REPO / "envs" / "__init__.py")
+    for path in (REPO / "models").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names), path

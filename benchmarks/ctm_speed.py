@@ -1,0 +1,155 @@
+"""CTM speed and memory against the official implementation, in one process (same config, seed and threads).
+
+Configuration (issue 3): d_model 256, d_input 64, heads 4, n_synch 32/32 random-pairing, synapse depth 1,
+memory 10, NLM hidden 16, 25 ticks, batch 32, parity length 64 (parity backbone + custom-rotational-1d).
+
+    python benchmarks/ctm_speed.py                                   # ours only
+    python benchmarks/ctm_speed.py --official-path /tmp/ctm_official # + the official code (a checkout of
+                                                                     #   SakanaAI/continuous-thought-machines)
+
+Prints forward (no_grad) and forward+backward medians, the bytes saved for backward per tick (autograd's
+saved-tensor hooks, T=25 minus T=12, divided by 13), the largest output and gradient differences after loading
+the official weights into ours, and the ratios. Then the adaptive-compute table of the shipped parity checkpoint.
+The official code is imported from --official-path only; nothing of it is stored in this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import biozoo
+from biozoo.envs.parity import parity_batch
+from biozoo.train.ctm import adaptive_compute_table, ctm_loss, format_table
+
+CONFIG = dict(iterations=25, d_model=256, d_input=64, heads=4, n_synch_out=32, n_synch_action=32, synapse_depth=1,
+              memory_length=10, deep_nlms=True, memory_hidden_dims=16, do_layernorm_nlm=False,
+              backbone_type="parity_backbone", positional_embedding_type="custom-rotational-1d", out_dims=128,
+              prediction_reshaper=[64, 2], dropout=0.0, neuron_select_type="random-pairing", n_random_pairing_self=0)
+
+
+def official_model(path: str, config: dict, seed: int):
+    sys.path.insert(0, path)
+    from models.ctm import ContinuousThoughtMachine  # the official package, imported from `path`
+    from utils.losses import parity_loss
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = ContinuousThoughtMachine(**config)
+    with torch.no_grad():
+        model(parity_batch(2, 64)[0])  # materialise the lazy layers
+    return model, lambda out, y: parity_loss(out[0].reshape(out[0].size(0), 64, 2, -1), out[1], y)[0]
+
+
+def our_model(config: dict, seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return biozoo.create_model("ctm", **config), lambda out, y: ctm_loss(out, y).loss
+
+
+def step(model, loss_fn, x, y, backward: bool) -> float:
+    start = time.perf_counter()
+    if backward:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+    else:
+        with torch.no_grad():
+            model(x)
+    return time.perf_counter() - start
+
+
+def saved_bytes(model, loss_fn, x, y) -> tuple[int, int]:
+    """(bytes of every tensor autograd saves, bytes of the distinct storages among them) for one forward."""
+    total, storages = 0, {}
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(model(x), y)
+    return total, sum(storages.values())
+
+
+def memory_per_tick(make, x, y) -> tuple[float, float]:
+    sizes = []
+    for ticks in (25, 12):
+        model, loss_fn = make({**CONFIG, "iterations": ticks})
+        sizes.append(saved_bytes(model, loss_fn, x, y))
+    return tuple((a - b) / 13 / 2**20 for a, b in zip(*sizes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official-path", default=None, help="a checkout of SakanaAI/continuous-thought-machines")
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-adaptive", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    x, y = parity_batch(32, 64, torch.Generator().manual_seed(args.seed))
+    models = {"ours": our_model(CONFIG, args.seed)}
+    if args.official_path:
+        models["official"] = official_model(args.official_path, CONFIG, args.seed)
+        ours, official = models["ours"][0], models["official"][0]
+        ours.load_state_dict(official.state_dict())
+        for m in (ours, official):
+            m.zero_grad()
+            loss_fn = models["ours" if m is ours else "official"][1]
+            loss_fn(m(x), y).backward()
+        with torch.no_grad():
+            a, b = ours(x), official(x)
+        diffs = [(a.predictions - b[0]).abs().max().item(), (a.certainties - b[1]).abs().max().item(),
+                 (a.synchronisation - b[2]).abs().max().item()]
+        grads = dict(official.named_parameters())
+        grad_diff = max((p.grad - grads[n].grad).abs().max().item() for n, p in ours.named_parameters())
+        print(f"outputs with the official weights: max |diff| predictions {diffs[0]:.2e}, certainties "
+              f"{diffs[1]:.2e}, synchronisation {diffs[2]:.2e}; gradients {grad_diff:.2e}")
+    print(f"parameters: {sum(p.numel() for p in models['ours'][0].parameters()):,}; threads {args.threads}; "
+          f"batch 32, 25 ticks, parity 64")
+
+    times = {(name, mode): [] for name in models for mode in ("fwd", "fwd+bwd")}
+    for i in range(args.warmup + args.runs):  # interleaved, so a busy machine slows both alike
+        for name, (model, loss_fn) in models.items():
+            for mode in ("fwd", "fwd+bwd"):
+                t = step(model, loss_fn, x, y, mode == "fwd+bwd")
+                if i >= args.warmup:
+                    times[name, mode].append(t)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    memory = {"ours": memory_per_tick(lambda c: our_model(c, args.seed), x, y)}
+    if args.official_path:
+        memory["official"] = memory_per_tick(lambda c: official_model(args.official_path, c, args.seed), x, y)
+    print(f"{'':10s} {'forward':>10s} {'fwd+bwd':>10s} {'saved/tick':>12s} {'distinct/tick':>14s}")
+    for name in models:
+        print(f"{name:10s} {medians[name, 'fwd']:9.3f}s {medians[name, 'fwd+bwd']:9.3f}s "
+              f"{memory[name][0]:9.2f} MiB {memory[name][1]:10.2f} MiB")
+    if args.official_path:
+        print(f"speed-up: forward {medians['official', 'fwd'] / medians['ours', 'fwd']:.2f}x, forward+backward "
+              f"{medians['official', 'fwd+bwd'] / medians['ours', 'fwd+bwd']:.2f}x; memory saved for backward per tick "
+              f"{memory['ours'][1] / memory['official'][1]:.2f}x of the official (distinct storages; "
+              f"{memory['ours'][0] / memory['official'][0]:.2f}x counting every saved tensor)")
+
+    if not args.skip_adaptive:
+        model = biozoo.create_model("ctm", pretrained="parity16")
+        seq_len = model.prediction_reshaper[0]
+        xs, ys = parity_batch(4096, seq_len, torch.Generator().manual_seed(1234))
+        rows = adaptive_compute_table(model, [(xs[i:i + 512], ys[i:i + 512]) for i in range(0, 4096, 512)])
+        print(f"\nadaptive compute, shipped ctm.parity16 on 4,096 fresh sequences:\n{format_table(rows)}")
+        full = rows[-1]
+        at = next(r for r in rows if r["threshold"] == 0.9)
+        print(f"certainty 0.9: {full['mean_ticks'] / at['mean_ticks']:.2f}x fewer mean ticks, accuracy "
+              f"{100 * (at['accuracy'] - full['accuracy']):+.2f} pt")
+
+
+if __name__ == "__main__":
+    main()

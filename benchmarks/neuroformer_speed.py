@@ -1,0 +1,134 @@
+"""Neuroformer generation throughput: KV cache vs re-running the model for every token, same outputs.
+
+    python benchmarks/neuroformer_speed.py [--threads 2] [--windows 2] [--official /tmp/nf_official/neuroformer]
+
+At the official model's size (n_embd 256, 8 heads, 4 layers per stage, a 300-token past, 100-token windows:
+`neuroformer_official`, about 9.7M parameters) and at the shipped sim100 size, one batch row generates
+--windows windows of exactly 99 tokens after SOS (EOS masked, top-p 0.95) with `use_cache=True` and with
+`use_cache=False` (a full forward of the whole prefix per token), from the same generator seed. Prints tokens/s
+(per wall second and per CPU second of the process, which a busy shared machine distorts less) of each, their
+ratio (target >= 10x), and whether the tokens are identical. --batch N generates N rows together (throughput).
+
+With --official (a folder holding the official repository's neuroformer/ modules; einops must be importable,
+timm is stubbed since its ViT is unused by default), the official model of the same size is built and timed
+as its generate_spikes runs it: a forward over the full padded 100-token block for each of the 99 tokens.
+Otherwise the anchor measured on this kind of machine is used: 7.4 s per window = 13 tokens/s with 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import sys
+import time
+import types
+from types import SimpleNamespace
+
+import torch
+
+from biozoo.models import create_model
+from biozoo.models.neuroformer import Neuroformer
+
+ANCHOR_TOKENS_PER_S = 13.0
+
+
+def context(model: Neuroformer, rows: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full past windows of random spikes (and random frames / behaviour if the model reads them)."""
+    g = torch.Generator().manual_seed(seed)
+    tp = model.prev_block_size
+    ids = torch.randint(0, model.n_neurons, (rows, tp), generator=g)
+    dts = torch.sort(torch.randint(0, model.prev_bins, (rows, tp), generator=g)).values
+    ids[:, 0], dts[:, 0], ids[:, -1], dts[:, -1] = model.sos, 0, model.eos, model.dt_eos
+    batch = {"id_prev": ids, "dt_prev": dts}
+    if model.video_encoder is not None:
+        batch["frames"] = torch.randn(rows, *model.frame_shape, generator=g)
+    if model.behaviour_mlp is not None:
+        batch["behaviour"] = torch.randn(rows, model.behaviour_len, model.n_behaviour, generator=g)
+        batch["behaviour_dt"] = torch.zeros(rows, model.behaviour_len, dtype=torch.long)
+    return batch
+
+
+def time_generation(model: Neuroformer, windows: int, use_cache: bool, rows: int = 1) -> tuple[float, float, list]:
+    """(tokens per wall second, tokens per CPU second of this process, the tokens)."""
+    batch = context(model, rows)
+    start, cpu = time.perf_counter(), time.process_time()
+    out = model.generate(batch, n_windows=windows, context_fn=lambda w: batch, use_cache=use_cache,
+                         generator=torch.Generator().manual_seed(0), ignore_eos=True)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    n_tokens = sum(ids.numel() for ids in out["ids"])
+    return n_tokens / elapsed, n_tokens / cpu, out["ids"] + out["dts"]
+
+
+def official_tokens_per_s(folder: str, n_neurons: int = 100, windows: int = 1) -> tuple[float, float, int]:
+    """Build the official Neuroformer (uni-modal, n_embd 256, 4 layers per stage, past 300) and time one
+    window as official generate_spikes does: 99 full forwards of the padded 100-token block."""
+    sys.path.insert(0, folder)
+    if "timm" not in sys.modules:  # imported at the top of the official model file, unused by default
+        stub = types.ModuleType("timm")
+        stub.__spec__ = importlib.machinery.ModuleSpec("timm", None)
+        sys.modules["timm"] = stub
+    from model_neuroformer import Neuroformer as Official  # noqa: E402
+
+    ns = lambda **kw: SimpleNamespace(**kw)  # noqa: E731
+    config = ns(n_embd=256, n_head=8, pos_emb=True, temp_emb=True, wave_emb=True, class_weights=None,
+                block_size=ns(id=100, prev_id=300, frame=0), layers=ns(state=4, state_history=4, stimulus=0),
+                dropout=ns(attn=0.2, resid=0.2, embd=0.2, id=0.2, im=0.2, pos=0.2, temp=0.2),
+                sparse=ns(topk=None, topk_id=None, topk_frame=None, mask=False),
+                contrastive=ns(contrastive=False, clip_temp=0.5), frame_encoder=ns(), vit_encoder=False,
+                mlp_only=False, gru_only=False, gru2_only=False)
+    stoi_id = {**{i: i for i in range(n_neurons)}, "SOS": n_neurons, "EOS": n_neurons + 1, "PAD": n_neurons + 2}
+    dt_values = [round(0.01 * i, 2) for i in range(6)]
+    stoi_dt = {**{v: i for i, v in enumerate(dt_values)}, "SOS": 6, "EOS": 7, "PAD": 8}
+    tokenizer = SimpleNamespace(ID_vocab_size=len(stoi_id), dt_vocab_size=len(stoi_dt), stoi={"ID": stoi_id, "dt": stoi_dt})
+    model = Official(config, tokenizer).eval()
+    g = torch.Generator().manual_seed(0)
+    x = {"id_prev": torch.randint(0, n_neurons, (1, 300), generator=g), "dt_prev": torch.randint(0, 6, (1, 300), generator=g).float(),
+         "id": torch.full((1, 100), n_neurons + 2), "dt": torch.zeros(1, 100), "pad": torch.tensor([0])}
+    x["id"][0, 0] = n_neurons
+    start, cpu = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for _ in range(windows):
+            for i in range(99):
+                logits = model(x)[0]
+                x["id"][0, i + 1] = torch.multinomial(logits["id"][0, i].softmax(-1), 1, generator=g)[0]
+                x["dt"][0, i + 1] = torch.multinomial(logits["dt"][0, i].softmax(-1), 1, generator=g)[0].float()
+    n = 99 * windows
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu), sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="rows generated together (the official code: 1)")
+    parser.add_argument("--official", default=None, help="folder with the official neuroformer/*.py modules")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = {
+        "official size (neuroformer_official)": create_model("neuroformer_official"),
+        "sim100 size": create_model("neuroformer", n_embd=64, n_head=2, dropout=0.1, frame_shape=[3, 16, 16],
+                                    n_behaviour=1),
+    }
+    ours = None
+    for name, model in sizes.items():
+        model.eval()
+        cached, cached_cpu, tokens_c = time_generation(model, args.windows, True, args.batch)
+        recompute, recompute_cpu, tokens_r = time_generation(model, args.windows, False, args.batch)
+        same = all(torch.equal(a, b) for a, b in zip(tokens_c, tokens_r))
+        ours = ours or (cached, cached_cpu)
+        print(f"{name}: {model.num_parameters() / 1e6:.2f}M params, {args.threads} threads, batch {args.batch}, "
+              f"windows of 100 tokens: "
+              f"KV cache {cached:.1f} tokens/s ({cached_cpu:.1f} per CPU-s), recompute {recompute:.1f} tokens/s "
+              f"({recompute_cpu:.1f} per CPU-s), ratio {cached / recompute:.1f}x wall, "
+              f"{cached_cpu / recompute_cpu:.1f}x CPU time; identical tokens: {same}")
+    if args.official and args.batch == 1:
+        off, off_cpu, n_params = official_tokens_per_s(args.official, windows=1)
+        print(f"official code (same size, {n_params / 1e6:.2f}M params), measured now: {off:.1f} tokens/s "
+              f"({off_cpu:.1f} per CPU-s, {99 / off:.1f} s per window); our KV cache / official = "
+              f"{ours[0] / off:.1f}x wall, {ours[1] / off_cpu:.1f}x CPU time")
+    print(f"anchor (official, 2 threads, measured earlier on this kind of machine): {ANCHOR_TOKENS_PER_S} tokens/s; "
+          f"our KV cache / anchor = {ours[0] / ANCHOR_TOKENS_PER_S:.1f}x (wall clock of this run)")
+
+
+if __name__ == "__main__":
+    main()

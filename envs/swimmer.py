@@ -1,0 +1,214 @@
+"""An N-link swimmer in a viscous medium, built with the `mujoco` package directly (no dm_control).
+
+The body and physics follow the DeepMind Control Suite swimmer (Tassa et al. 2018, `suite/swimmer.py`), which
+NCAP (Bhattasali, Zador & Engel, NeurIPS 2022) swims in:
+
+- a head and `n_links - 1` capsule segments, 0.1 m apart, joined by hinges limited to +-2*pi/n_links
+  (360/n_links degrees), motors with gear 5e-4 and controls in [-1, 1];
+- each body's mass (0.01 kg) and inertia come from a thin box, moving through a fluid of density 3000
+  (MuJoCo's inertia-box fluid model), contacts off;
+- physics step 0.002 s, control step 0.03 s (15 physics steps), 1000 control steps = 30 s per episode;
+- reset: hinge angles uniform within their limits, heading uniform in [-pi, pi), at rest at the origin.
+
+Task `swim` (the NCAP code's custom task, `neurobo/ncap/envs.py`): the target is dropped and the reward is a
+linear ramp of the forward head speed, r = clip(v / 0.1, 0, 1) with v = -head_vel_y (the nose points along -y
+in the head frame) -- 0 when still or swimming backwards, 1 at >= 0.1 m/s -- so an episode returns at most 1000.
+Observation: the J = n_links - 1 joint angles, then the body velocities (vx, vy, wz in each body's frame, head
+first; 3 * n_links values) -- 23 values for 6 links. The NCAP oscillator's clock is appended by the harness
+(gymnasium's `TimeAwareObservation`), as Tonic's TimeFeature did for the official PPO runs.
+
+Differences from dm_control: the target geom and the frame sensors that only the target task reads are left
+out (they do not touch the dynamics); the rendering assets are our own. Each control step runs
+`mj_step` 15 times then `mj_step1`, so sensors describe the state after the step, as dm_control's legacy step does.
+
+    import gymnasium as gym, biozoo.envs
+    env = gym.make("biozoo/Swimmer-v0", n_links=6)              # also: gym.make_vec(..., num_envs=8)
+    env = gym.make("biozoo/Swimmer-v0", render_mode="rgb_array")  # needs MUJOCO_GL=egl or osmesa
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+from biozoo.models.errors import BiozooError
+
+PHYSICS_DT = 0.002
+CONTROL_DT = 0.03
+EPISODE_STEPS = 1000  # 30 s
+TASKS = ("swim",)
+SWIM_SPEED = 0.1  # m/s at which the swim reward saturates
+
+
+def swimmer_xml(n_links: int) -> str:
+    """MJCF of an `n_links`-body swimmer with the dm_control swimmer's physics."""
+    limit = 360.0 / n_links
+    scale = n_links / 6.0  # tracking camera moves back with body length
+    segments, close, actuators, sensors = [], [], [], []
+    for i in range(n_links - 1):
+        segments.append(f"""
+      <body name="segment_{i}" pos="0 .1 0">
+        <geom name="visual_{i}" class="visual"/>
+        <geom name="inertial_{i}" class="inertial"/>
+        <site name="site_{i}"/>
+        <joint name="joint_{i}" range="{-limit} {limit}"/>""")
+        close.append("\n      </body>")
+        actuators.append(f'    <motor name="motor_{i}" joint="joint_{i}"/>')
+        sensors.append(f'    <velocimeter name="velocimeter_{i}" site="site_{i}"/>\n'
+                       f'    <gyro name="gyro_{i}" site="site_{i}"/>')
+    nl = "\n"
+    return f"""<mujoco model="swimmer{n_links}">
+  <compiler angle="degree"/>
+  <option timestep="{PHYSICS_DT}" density="3000">
+    <flag contact="disable"/>
+  </option>
+  <visual>
+    <headlight ambient=".4 .4 .4" diffuse=".8 .8 .8" specular=".1 .1 .1"/>
+    <global offwidth="640" offheight="480"/>
+  </visual>
+  <asset>
+    <texture name="sky" type="skybox" builtin="gradient" rgb1=".4 .6 .8" rgb2="0 0 0" width="200" height="200"/>
+    <texture name="grid" type="2d" builtin="checker" rgb1=".1 .2 .3" rgb2=".2 .3 .4" width="300" height="300"
+             mark="edge" markrgb=".2 .3 .4"/>
+    <material name="grid" texture="grid" texrepeat="1 1" texuniform="true" reflectance=".2"/>
+    <material name="self" rgba=".7 .5 .3 1"/>
+    <material name="effector" rgba=".7 .4 .2 1"/>
+    <material name="eye" rgba="0 .2 1 1"/>
+  </asset>
+  <default>
+    <default class="swimmer">
+      <joint type="hinge" pos="0 -.05 0" axis="0 0 1" limited="true" solreflimit=".05 1" solimplimit="0 .8 .1"
+             armature="1e-6"/>
+      <default class="inertial">
+        <geom type="box" size=".001 .05 .01" rgba="0 0 0 0" mass=".01"/>
+      </default>
+      <default class="visual">
+        <geom type="capsule" size=".01" fromto="0 -.05 0 0 .05 0" material="self" mass="0"/>
+      </default>
+      <site size=".01" rgba="0 0 0 0"/>
+    </default>
+    <default class="free">
+      <joint limited="false" stiffness="0" armature="0"/>
+    </default>
+    <motor gear="5e-4" ctrllimited="true" ctrlrange="-1 1"/>
+  </default>
+  <worldbody>
+    <geom name="ground" type="plane" size="2.5 2.5 0.1" material="grid"/>
+    <body name="head" pos="0 0 .05" childclass="swimmer">
+      <light name="light" diffuse=".8 .8 .8" pos="0 0 1.5"/>
+      <geom name="head" type="ellipsoid" size=".02 .04 .017" pos="0 -.022 0" material="self" mass="0"/>
+      <geom name="nose" type="sphere" pos="0 -.06 0" size=".004" material="effector" mass="0"/>
+      <geom name="eyes" type="capsule" fromto="-.006 -.054 .005 .006 -.054 .005" size=".004" material="eye" mass="0"/>
+      <camera name="tracking" pos="0 {-.2 * scale:.4f} {.5 * scale:.4f}" xyaxes="1 0 0 0 1 1" mode="trackcom" fovy="60"/>
+      <joint name="rootx" class="free" type="slide" axis="1 0 0" pos="0 -.05 0"/>
+      <joint name="rooty" class="free" type="slide" axis="0 1 0" pos="0 -.05 0"/>
+      <joint name="rootz" class="free" type="hinge" axis="0 0 1" pos="0 -.05 0"/>
+      <geom name="inertial" class="inertial"/>
+      <geom name="visual" class="visual"/>
+      <site name="head"/>{"".join(segments)}{"".join(close)}
+    </body>
+  </worldbody>
+  <actuator>
+{nl.join(actuators)}
+  </actuator>
+  <sensor>
+    <velocimeter name="head_vel" site="head"/>
+    <gyro name="head_gyro" site="head"/>
+{nl.join(sensors)}
+  </sensor>
+</mujoco>
+"""
+
+
+def gl_error(error: BaseException) -> BiozooError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return BiozooError(f"rendering needs OpenGL, which failed here ({first}); set MUJOCO_GL=egl (GPU) or "
+                       "MUJOCO_GL=osmesa (CPU, needs libosmesa) before importing mujoco, or use render_mode=None")
+
+
+class SwimmerEnv(gym.Env):
+    """The dm_control N-link swimmer with NCAP's `swim` task, as a gymnasium environment (see module docstring)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": round(1 / CONTROL_DT)}
+
+    def __init__(self, n_links: int = 6, task: str = "swim", render_mode: str | None = None,
+                 width: int = 320, height: int = 240):
+        if not isinstance(n_links, int) or n_links < 3:
+            raise BiozooError(f"n_links must be an integer >= 3, got {n_links!r}")
+        if task not in TASKS:
+            raise BiozooError(f"unknown swimmer task {task!r}; choose one of {', '.join(TASKS)}")
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise BiozooError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.n_links, self.n_joints, self.task = n_links, n_links - 1, task
+        self.joint_limit = 2 * math.pi / n_links
+        self.model = mujoco.MjModel.from_xml_string(swimmer_xml(n_links))
+        self.data = mujoco.MjData(self.model)
+        self.n_substeps = round(CONTROL_DT / PHYSICS_DT)
+        self.dt = CONTROL_DT
+        self.render_mode, self.width, self.height = render_mode, width, height
+        self._renderer: mujoco.Renderer | None = None
+        obs_dim = self.n_joints + 3 * n_links
+        self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
+        self.action_space = spaces.Box(-1.0, 1.0, (self.n_joints,), np.float32)
+
+    # state readers ------------------------------------------------------------------------------------------
+    def joint_angles(self) -> np.ndarray:
+        return self.data.qpos[3:].copy()
+
+    def body_velocities(self) -> np.ndarray:
+        """(vx, vy, wz) of the head and each segment in its own frame, from the velocimeter/gyro sensors."""
+        return self.data.sensordata.reshape(-1, 6)[:, [0, 1, 5]].ravel()
+
+    def head_position(self) -> np.ndarray:
+        return self.data.qpos[:2].copy()
+
+    def forward_speed(self) -> float:
+        return float(-self.data.sensordata[1])  # head_vel y; the nose points along -y
+
+    def _obs(self) -> np.ndarray:
+        return np.concatenate([self.joint_angles(), self.body_velocities()])
+
+    def _reward(self) -> float:
+        return float(np.clip(self.forward_speed() / SWIM_SPEED, 0.0, 1.0))
+
+    # gymnasium API -------------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        mujoco.mj_resetData(self.model, self.data)
+        rng = self.np_random
+        self.data.qpos[2] = rng.uniform(-math.pi, math.pi)
+        self.data.qpos[3:] = rng.uniform(-self.joint_limit, self.joint_limit, self.n_joints)
+        mujoco.mj_forward(self.model, self.data)
+        return self._obs(), {}
+
+    def step(self, action: np.ndarray):
+        self.data.ctrl[:] = np.clip(action, -1.0, 1.0)
+        mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
+        mujoco.mj_step1(self.model, self.data)  # sensors and positions of the new state
+        reward = self._reward()
+        return self._obs(), reward, False, False, {"forward_speed": self.forward_speed()}
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode is None:
+            return None
+        if self._renderer is None:
+            try:
+                self._renderer = mujoco.Renderer(self.model, self.height, self.width)
+            except Exception as e:  # no display / no GL library: one clear line instead of a GL traceback
+                raise gl_error(e) from None
+        self._renderer.update_scene(self.data, camera="tracking")
+        return self._renderer.render()
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+gym.register(id="biozoo/Swimmer-v0", entry_point="biozoo.envs.swimmer:SwimmerEnv", max_episode_steps=EPISODE_STEPS,
+             kwargs={"n_links": 6, "task": "swim"})

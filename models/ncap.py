@@ -1,0 +1,234 @@
+"""NCAP: the C. elegans swimming circuit as a control policy (Bhattasali, Zador & Engel, "Neural circuit
+architectural priors for embodied control", NeurIPS 2022, arXiv 2201.05242; official code nikhilxb/ncap-swimmer,
+`neurobo/ncap/swimmer.py`, MIT).
+
+For joints i = 0..J-1 (head first, J = n_links - 1) and the two sides d (dorsal) and v (ventral):
+
+    x_i   = clip(q_i / q_max, -1, 1),   q_max = 2*pi / n_links          (normalised joint angle)
+    s^d_i = clip(x_i, 0, 1),   s^v_i = clip(-x_i, 0, 1)                  (stretch receptors)
+    o^d, o^v = (1, 0) if (t mod P) < P/2 else (0, 1)                     (head oscillator, P = 60 steps)
+    b^d_i = g(w_prop * s^d_{i-1})  for i > 0,   b^d_0 = g(w_osc * o^d)   (B-class motor neurons; same for v)
+    m^d_i = g(w_ipsi * b^d_i + w_contra * b^v_i)                          (muscles; same for v with d <-> v)
+    a_i   = m^d_i - m^v_i                                                 (torque in [-1, 1])
+
+with g = clamp(0, 1) ("graded"). Proprioception comes from the previous (anterior) joint, so the oscillation
+travels head to tail. w_prop, w_osc, w_ipsi are excitatory (clamped to >= 0 in the forward pass), w_contra
+inhibitory (clamped to <= 0); the raw parameters are unconstrained. Initialisation is constant: +1 / -1.
+With weight sharing the 4 weights serve every segment, so the same parameters drive any body length
+(`load_pretrained(folder, n_links=9)` or `transfer_to(model, 9)` moves a 6-link circuit to 9 links). Unshared: 2(J-1) + 2 + 4J = 6J weights.
+
+The ablation switches follow the official code: `weight_sharing`, `sign_constraints` (off: no clamping; a
+constant init then draws +-1 at random), `constant_init` (off: uniform [0, 1] / [-1, 0], unsigned [-1, 1]),
+`proprioception`, `head_oscillator`. The navigation controller (turn / speed inputs) is not implemented.
+
+Observations: the circuit reads the joint angles at `obs[joint_offset : joint_offset + J]` and its clock from
+the last entry, the normalised elapsed time t / time_scale in [0, 1] (gymnasium's TimeAwareObservation with
+normalize_time=True; the official Tonic runs appended TimeFeature in [-1, 1] and mapped it back the same way).
+The circuit reads raw observations; policies that want normalised inputs carry their own `RunningNorm`.
+
+Also here, for every control policy in the zoo: `GaussianHead` (a state-independent Normal around a
+deterministic policy's output, fixed or learned std; PPO's NCAP uses a fixed 0.1 as in the official code),
+`RunningNorm` (observation normalisation whose statistics are saved with the weights) and `mlp_policy`, the
+MLP baseline (models/baselines.py's MLP with tanh layers, 64x64 or 256x256, behind a RunningNorm).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._hub import PretrainedMixin
+from ._registry import register_model
+from .baselines import MLP
+from .errors import BiozooError, check_shape
+
+
+def graded(x: torch.Tensor) -> torch.Tensor:
+    """clamp(x, 0, 1) whose gradient also passes at the bounds. torch's clamp gives 0 gradient at exactly 0 or
+    1, where the constant init puts the head B-neurons and muscles, so the oscillator weight would never learn."""
+    inside = (x >= 0) & (x <= 1)
+    return torch.where(inside, x, x.detach().clamp(0.0, 1.0))
+
+
+@register_model(name="ncap")
+class NCAP(PretrainedMixin, nn.Module):
+    """The swimmer circuit (module docstring). forward(obs (B, D)) -> torques (B, J)."""
+
+    def __init__(self, n_links: int = 6, oscillator_period: int = 60, weight_sharing: bool = True,
+                 sign_constraints: bool = True, constant_init: bool = True, proprioception: bool = True,
+                 head_oscillator: bool = True, joint_offset: int = 0, joint_limit: float | None = None,
+                 time_scale: float = 1000.0):
+        super().__init__()
+        if n_links < 3:
+            raise BiozooError(f"ncap needs n_links >= 3 (2 joints), got {n_links}")
+        self.n_links, self.n_joints = n_links, n_links - 1
+        self.oscillator_period, self.time_scale = oscillator_period, time_scale
+        self.weight_sharing, self.sign_constraints = weight_sharing, sign_constraints
+        self.proprioception, self.head_oscillator = proprioception, head_oscillator
+        self.joint_offset = joint_offset
+        self.joint_limit = joint_limit if joint_limit is not None else 2 * math.pi / n_links
+        j = self.n_joints
+        # shared: one weight for every segment and both sides; unshared: rows (dorsal, ventral) per joint
+        shapes = {"prop": (1,) if weight_sharing else (2, j - 1), "osc": (1,) if weight_sharing else (2, 1),
+                  "muscle_ipsi": (1,) if weight_sharing else (2, j), "muscle_contra": (1,) if weight_sharing else (2, j)}
+        if not proprioception:
+            del shapes["prop"]
+        if not head_oscillator:
+            del shapes["osc"]
+        for name, shape in shapes.items():
+            sign = -1.0 if name == "muscle_contra" else 1.0
+            self.register_parameter(name, nn.Parameter(self._init(shape, sign, sign_constraints, constant_init)))
+
+    @staticmethod
+    def _init(shape: tuple[int, ...], sign: float, signed: bool, constant: bool) -> torch.Tensor:
+        if signed and constant:
+            return torch.full(shape, sign)
+        if signed:
+            return torch.rand(shape) * sign
+        if constant:  # unsigned constant: +1 or -1 with probability 1/2
+            return torch.where(torch.rand(shape) < 0.5, 1.0, -1.0)
+        return torch.rand(shape) * 2 - 1
+
+    def excitatory(self, w: torch.Tensor) -> torch.Tensor:
+        return w.clamp(min=0) if self.sign_constraints else w
+
+    def inhibitory(self, w: torch.Tensor) -> torch.Tensor:
+        return w.clamp(max=0) if self.sign_constraints else w
+
+    def sides(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dorsal, ventral) weights, broadcastable over (B, joints)."""
+        return (w, w) if self.weight_sharing else (w[0], w[1])
+
+    def oscillator(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        phase = torch.remainder(t.round(), self.oscillator_period)
+        dorsal = (phase < self.oscillator_period // 2).to(t.dtype)
+        return dorsal, 1 - dorsal
+
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """The weights as the circuit uses them (after the sign constraints)."""
+        return {name: (self.inhibitory(p) if name == "muscle_contra" else self.excitatory(p)).detach()
+                for name, p in self.named_parameters()}
+
+    def forward(self, obs: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        j, start = self.n_joints, self.joint_offset
+        check_shape("ncap", obs, f"(B, D) with D >= {start + j + 1}: joint angles at [{start}:{start + j}] and the "
+                    "normalised time last", obs.dim() == 2 and obs.shape[1] >= start + j + 1)
+        x = (obs[:, start:start + j] / self.joint_limit).clamp(-1, 1)
+        s_d, s_v = x.clamp(0, 1), (-x).clamp(0, 1)
+        zero = torch.zeros_like(x[:, :1])
+        if self.head_oscillator:
+            t = obs[:, -1:] * self.time_scale if timestep is None else timestep.reshape(-1, 1).to(obs.dtype)
+            o_d, o_v = self.oscillator(t)
+            w_d, w_v = self.sides(self.excitatory(self.osc))
+            head_d, head_v = o_d * w_d.reshape(-1)[:1], o_v * w_v.reshape(-1)[:1]
+        else:
+            head_d = head_v = zero
+        if self.proprioception:
+            w_d, w_v = self.sides(self.excitatory(self.prop))
+            body_d, body_v = s_d[:, :-1] * w_d, s_v[:, :-1] * w_v
+        else:
+            body_d = body_v = zero.expand(-1, j - 1)
+        b_d = graded(torch.cat([head_d, body_d], 1))
+        b_v = graded(torch.cat([head_v, body_v], 1))
+        ipsi_d, ipsi_v = self.sides(self.excitatory(self.muscle_ipsi))
+        contra_d, contra_v = self.sides(self.inhibitory(self.muscle_contra))
+        m_d = graded(b_d * ipsi_d + b_v * contra_d)
+        m_v = graded(b_v * ipsi_v + b_d * contra_v)
+        return m_d - m_v
+
+
+# Pieces every control policy shares ---------------------------------------------------------------------------
+
+class GaussianHead(nn.Module):
+    """A state-independent Normal(mean, std) around a deterministic policy's output; `learn_std` makes
+    log(std) a trained parameter, otherwise it stays fixed."""
+
+    def __init__(self, action_dim: int, std: float = 0.1, learn_std: bool = False):
+        super().__init__()
+        self.log_std = nn.Parameter(torch.full((action_dim,), math.log(std)), requires_grad=learn_std)
+
+    def forward(self, mean: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
+
+
+class RunningNorm(nn.Module):
+    """Observation normalisation with running mean and variance (parallel Welford update), clipped to +-clip.
+    The statistics are buffers: they are saved and loaded with the policy's weights."""
+
+    def __init__(self, size: int, clip: float = 10.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("var", torch.ones(size))
+        self.register_buffer("count", torch.tensor(0.0))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.mean.numel()).to(self.mean.dtype)
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta.square() * self.count * n / total
+        self.mean += delta * n / total
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+@register_model(name="mlp_policy")
+class MLPPolicy(PretrainedMixin, nn.Module):
+    """The MLP baseline policy: RunningNorm -> MLP (tanh) -> action mean. Orthogonal init (gain sqrt 2, last
+    layer 0.01), as in CleanRL/SB3 PPO. `in_features` = observation size, `num_classes` = action size."""
+
+    def __init__(self, in_features: int = 24, num_classes: int = 5, hidden: list[int] = (64, 64),
+                 activation: str = "tanh"):
+        super().__init__()
+        self.in_features = in_features
+        self.obs_norm = RunningNorm(in_features)
+        self.net = MLP(in_features, num_classes, list(hidden), activation)
+        for m in self.net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.orthogonal_(m.weight, 0.01 if m is self.net.head else math.sqrt(2))
+                nn.init.zeros_(m.bias)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        check_shape("mlp_policy", obs, f"(B, {self.in_features})", obs.dim() == 2 and obs.shape[1] == self.in_features)
+        return self.net(self.obs_norm(obs))
+
+
+def transfer_to(policy: nn.Module, n_links: int) -> nn.Module:
+    """The same weights in a policy rebuilt for another body length. Only shared-weight circuits transfer;
+    anything else raises a one-line CheckpointError naming the mismatched weights."""
+    from ._hub import check_state_dict
+    from ._registry import create_model
+
+    config = policy.biozoo_config()
+    if "n_links" not in config["kwargs"]:
+        raise BiozooError(f"{config['model']} has no n_links argument, so it cannot move to another body")
+    new = create_model(config["model"], **{**config["kwargs"], "n_links": n_links})
+    state = policy.state_dict()
+    check_state_dict(new, {k: tuple(v.shape) for k, v in state.items()}, f"{config['model']} -> n_links={n_links}")
+    new.load_state_dict(state)
+    return new.eval()
+
+
+# Registered variants -------------------------------------------------------------------------------------------
+
+@register_model
+def ncap_unshared(n_links: int = 6, oscillator_period: int = 60, joint_offset: int = 0) -> NCAP:
+    """NCAP without weight sharing: 6J weights (30 for 6 links); does not transfer across body lengths."""
+    return NCAP(n_links, oscillator_period, weight_sharing=False, joint_offset=joint_offset)
+
+
+@register_model
+def mlp_policy_256(in_features: int = 24, num_classes: int = 5) -> MLPPolicy:
+    """The 256x256 MLP of the NCAP paper's videos (mlp256_ppo / mlp256_ddpg)."""
+    return MLPPolicy(in_features, num_classes, [256, 256], "tanh")
+

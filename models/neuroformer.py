@@ -1,0 +1,489 @@
+"""Neuroformer: multimodal, multitask generative pretraining on spikes (Antoniades et al., ICLR 2024,
+arXiv 2311.00136), following the official code (a-antoniades/Neuroformer, neuroformer/model_neuroformer.py).
+
+Each spike is two tokens, a neuron ID and a time offset dt inside its window (see `biozoo.envs.spikes`). With
+e = tok_emb(id) + pos_emb[position] + sincos(dt) for the current window and the same (own position embedding)
+for the past window, the model runs, in the official order:
+
+1. `state_encoder`: causal self-attention blocks over the current tokens (official FeatureEncoder);
+   `stimulus_encoder`: self-attention blocks over frame patches (Conv3d with kernel = stride = patch, LayerNorm,
+   ReLU; the embedding of the first current token is prepended as the frames' SOS).
+2. cross-attention blocks, queries from the current stream: `history_blocks` -> past-window tokens,
+   `stimulus_blocks` -> frame features, `behaviour_blocks` -> behaviour tokens;
+3. `decoder`: causal self-attention blocks; 4. heads `head_id`, `head_dt` (no bias).
+
+Block (pre-LN, official): x = x + Attn(LN1(x), kv, kv); x = x + MLP(LN2(x)); x = LN_f(x), where kv is the raw
+other stream (or the raw x for self-attention) and MLP = Linear(d, 4d), GELU, Linear(4d, d), Dropout.
+
+Contrastive alignment (CLIP-like InfoNCE, trained jointly): 'id' = mean of the last hidden states over the
+non-PAD tokens, 'frames' = mean of the encoded frame tokens, 'behaviour' = mean of the behaviour tokens, all
+through one shared Linear(d, clip_dim); for each pair of modalities (a, b) with unit-norm features
+    L_ab = mean_i [ -s_ii / T + log sum_j exp(s_ij / T) ],   s_ij = <a_i, b_j>,  T = clip_temp (0.5),
+averaged over the pairs (official default, one-directional; `clip_symmetric=True` gives (L_ab + L_ba) / 2).
+The total loss (train/neuroformer.py) is 0.45 CE_id + 0.30 CE_dt + 0.25 L_clip by default: the official
+3/5 (1 - 1/n), 2/5 (1 - 1/n), 1/n with n = 4.
+
+Behaviour heads (fine-tuning): Linear(d, 1 or n_classes) on the mean hidden state, MSE or cross-entropy; the
+target is the behaviour's value at the end of the current window.
+
+Generation (`generate`): window by window, token by token until EOS, with top-p sampling of the ID head
+(over neurons and EOS) and then of the dt head (over the current window's offsets). After a window, its
+spikes join the past, so later windows see the model's own generated past (official `true_past=False`).
+`use_cache=True` keeps each self-attention layer's keys and values and the cross-attention keys and values of
+the window's context, so each token costs one position per layer; `use_cache=False` re-runs the whole model
+per token as the official code does. Both give the same logits, hence the same tokens for the same generator.
+
+Differences from the official code (all deliberate, each a documented bug or a missing piece there):
+- Frame patches get a learned position embedding (`frame_pos_emb`); the official code computes a 3-D sincos
+  encoding but, by a bug, never adds it, which leaves the attention blind to where a patch is.
+- Behaviour values are embedded by Linear(1, d), GELU, Linear(d, d) plus a learned per-variable embedding and
+  sincos(dt): the official ProjectNorm starts with LayerNorm over one feature, which maps every value to the
+  same vector.
+- Cross-attention to the past ignores PAD keys (the official attends to them); the CLIP 'id' feature averages
+  non-PAD positions only (the official averages all).
+- KV-cached generation is new (the official re-runs the full model for every token).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._hub import PretrainedMixin, first_line
+from ._registry import register_model
+from .errors import BiozooError, CheckpointError, check_shape
+
+BEHAVIOUR_HEADS = ("none", "regression", "classification")
+
+
+def pack_tokens(ids: np.ndarray, dts: np.ndarray, block_size: int, sos: int, eos: int, pad: int,
+                dt_eos: int, dt_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The official sequence layout: [SOS] + the last block_size - 2 events + [EOS], padded to block_size + 1
+    tokens; dts [0] + dts + [EOS]. Inputs are [:-1], targets [1:]."""
+    keep = block_size - 2
+    ids, dts = np.asarray(ids, np.int64)[-keep:], np.asarray(dts, np.int64)[-keep:]
+    n_pad = block_size + 1 - (len(ids) + 2)
+    id_seq = np.concatenate([[sos], ids, [eos], np.full(n_pad, pad)]).astype(np.int64)
+    dt_seq = np.concatenate([[0], dts, [dt_eos], np.full(n_pad, dt_pad)]).astype(np.int64)
+    return id_seq, dt_seq
+
+
+def sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The official TemporalEmbedding: sin/cos of a value (here the dt token) at geometric frequencies."""
+    freqs = torch.exp(torch.arange(0, dim, 2, device=values.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = values.float().unsqueeze(-1) * freqs
+    return torch.stack([angles.sin(), angles.cos()], -1).flatten(-2)
+
+
+def contrastive_loss(features: dict[str, torch.Tensor], temperature: float = 0.5,
+                     symmetric: bool = False) -> torch.Tensor:
+    """InfoNCE between every pair of modalities (matching rows are positives), averaged over pairs."""
+    names = list(features)
+    z = {k: F.normalize(v, dim=-1) for k, v in features.items()}
+    labels = torch.arange(len(z[names[0]]), device=z[names[0]].device)
+    losses = []
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            logits = z[names[a]] @ z[names[b]].t() / temperature
+            loss = F.cross_entropy(logits, labels)
+            if symmetric:
+                loss = 0.5 * (loss + F.cross_entropy(logits.t(), labels))
+            losses.append(loss)
+    return torch.stack(losses).mean()
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, temperature: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Nucleus sampling: keep the most probable tokens whose mass reaches top_p, sample among them. (B, V) -> (B,)"""
+    probs = F.softmax(logits.float() / max(temperature, 1e-8), dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class KVCache:
+    """Keys and values of one self-attention layer, preallocated for a window."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+        self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.n = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        self.k[:, :, self.n:self.n + t] = k
+        self.v[:, :, self.n:self.n + t] = v
+        self.n += t
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate query/key/value projections (queries and keys may differ in source)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        if n_embd % n_head:
+            raise BiozooError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head = n_head
+        self.query, self.key, self.value = (nn.Linear(n_embd, n_embd) for _ in range(3))
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.attn_drop, self.resid_drop = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.keep_attention = False
+        self.attention: torch.Tensor | None = None
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        return x.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.key(x)), self.heads(self.value(x))
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.heads(self.query(x))
+        if self.keep_attention:  # the explicit path, to read the weights
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+            if mask is not None:  # True = may attend
+                att = att.masked_fill(~mask, float("-inf"))
+            att = att.softmax(-1)
+            self.attention = att.detach()
+            y = self.attn_drop(att) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        b, _, t, _ = y.shape
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+class Block(nn.Module):
+    """Pre-LN block with an output LayerNorm; keys/values from `kv` (cross) or from the raw input (self)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2, self.ln_f = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = Attention(n_embd, n_head, dropout)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        k, v = self.attn.kv(x) if kv is None else kv
+        if cache is not None:
+            k, v = cache.append(k, v)
+        x = x + self.attn(self.ln1(x), k, v, mask)
+        x = x + self.mlp(self.ln2(x))
+        return self.ln_f(x)
+
+
+@register_model(name="neuroformer")
+class Neuroformer(PretrainedMixin, nn.Module):
+    """Neuroformer over spike tokens, optionally with frames and behaviour; see the module docstring.
+
+    Args:
+        n_neurons: ID vocabulary = n_neurons + SOS, EOS, PAD.
+        window_bins / prev_bins: the current / past window in resolution units (dt vocabulary =
+            max(window_bins, prev_bins) + 1 offsets + SOS, EOS, PAD).
+        block_size / prev_block_size: tokens per current / past window (inputs, after the shift).
+        n_state_layers: causal self-attention layers, both before (state encoder) and after (decoder) the
+            cross-attention; n_history_layers / n_stimulus_layers / n_behaviour_layers: cross-attention layers
+            to the past, the frames (also the frame self-attention layers) and the behaviour.
+        frame_shape: [n_frames, H, W] of a window's stimulus, or None; patch_size: the Conv3d kernel = stride.
+        n_behaviour / behaviour_len: behaviour input variables and samples per window (0: no behaviour input).
+        behaviour_head: 'none', 'regression' (n_behaviour_out values) or 'classification' (n_behaviour_out classes).
+        clip: contrastive alignment between the ID stream and the other modalities; clip_dim defaults to n_embd.
+    """
+
+    def __init__(self, n_neurons: int = 100, window_bins: int = 5, prev_bins: int = 10, block_size: int = 100,
+                 prev_block_size: int = 150, n_embd: int = 128, n_head: int = 4, n_state_layers: int = 1,
+                 n_history_layers: int = 1, n_stimulus_layers: int = 1, n_behaviour_layers: int = 1,
+                 frame_shape: list[int] | None = None, patch_size: list[int] = (3, 4, 4),
+                 frame_pos_emb: bool = True, n_behaviour: int = 0, behaviour_len: int = 1,
+                 behaviour_head: str = "none", n_behaviour_out: int = 1, clip: bool = True,
+                 clip_dim: int | None = None, clip_temp: float = 0.5, clip_symmetric: bool = False,
+                 dropout: float = 0.2):
+        super().__init__()
+        if behaviour_head not in BEHAVIOUR_HEADS:
+            raise BiozooError(f"behaviour_head must be one of {BEHAVIOUR_HEADS}, got {behaviour_head!r}")
+        self.n_neurons, self.window_bins, self.prev_bins = n_neurons, window_bins, prev_bins
+        self.block_size, self.prev_block_size, self.n_embd = block_size, prev_block_size, n_embd
+        self.sos, self.eos, self.pad = n_neurons, n_neurons + 1, n_neurons + 2
+        self.id_vocab = n_neurons + 3
+        self.n_dt_values = max(window_bins, prev_bins) + 1
+        self.dt_sos, self.dt_eos, self.dt_pad = self.n_dt_values, self.n_dt_values + 1, self.n_dt_values + 2
+        self.dt_vocab = self.n_dt_values + 3
+        self.behaviour_head_kind, self.clip_temp, self.clip_symmetric = behaviour_head, clip_temp, clip_symmetric
+        blocks = lambda n: nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n))  # noqa: E731
+
+        self.tok_emb = nn.Embedding(self.id_vocab, n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
+        self.pos_emb_prev = nn.Parameter(torch.zeros(1, prev_block_size, n_embd))
+        self.drop = nn.Dropout(dropout)
+
+        self.frame_shape = list(frame_shape) if frame_shape else None
+        self.video_encoder = None
+        if self.frame_shape and n_stimulus_layers > 0:
+            f, h, w = self.frame_shape
+            pt, ph, pw = patch_size
+            if f % pt or h % ph or w % pw:
+                raise BiozooError(f"frame_shape {self.frame_shape} must be divisible by patch_size {list(patch_size)}")
+            self.n_patches = (f // pt) * (h // ph) * (w // pw)
+            self.video_encoder = nn.Conv3d(1, n_embd, tuple(patch_size), tuple(patch_size))
+            self.frame_norm = nn.LayerNorm(n_embd)
+            self.frame_pos = nn.Parameter(torch.zeros(1, self.n_patches, n_embd)) if frame_pos_emb else None
+        self.stimulus_encoder = blocks(n_stimulus_layers if self.video_encoder is not None else 0)
+
+        self.n_behaviour, self.behaviour_len = n_behaviour, behaviour_len
+        if n_behaviour > 0 and n_behaviour_layers > 0:
+            self.behaviour_mlp = nn.Sequential(nn.Linear(1, n_embd), nn.GELU(), nn.Linear(n_embd, n_embd))
+            self.behaviour_var = nn.Parameter(torch.zeros(1, n_behaviour, n_embd))
+        else:
+            self.behaviour_mlp = None
+
+        self.state_encoder = blocks(n_state_layers)
+        self.history_blocks = blocks(n_history_layers)
+        self.stimulus_blocks = blocks(len(self.stimulus_encoder))
+        self.behaviour_blocks = blocks(n_behaviour_layers if self.behaviour_mlp is not None else 0)
+        self.decoder = blocks(n_state_layers)
+        self.head_id = nn.Linear(n_embd, self.id_vocab, bias=False)
+        self.head_dt = nn.Linear(n_embd, self.dt_vocab, bias=False)
+        self.clip_proj = nn.Linear(n_embd, clip_dim or n_embd, bias=False) if clip else None
+        self.behaviour_head = nn.Linear(n_embd, n_behaviour_out) if behaviour_head != "none" else None
+        self.register_buffer("causal", torch.ones(block_size, block_size, dtype=torch.bool).tril(), persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # inputs -> embeddings -----------------------------------------------------------------------------------------
+
+    def embed(self, ids: torch.Tensor, dts: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        t = ids.shape[1]
+        if offset + t > self.block_size:
+            raise BiozooError(f"neuroformer: {offset + t} current tokens exceed block_size {self.block_size}")
+        return self.drop(self.tok_emb(ids) + self.pos_emb[:, offset:offset + t] + sincos(dts, self.n_embd))
+
+    def encode_context(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Everything the current window cross-attends to: past tokens, frame features, behaviour tokens."""
+        id_prev, dt_prev = batch["id_prev"], batch["dt_prev"]
+        check_shape("neuroformer", id_prev, f"id_prev (B, <= {self.prev_block_size})",
+                    id_prev.dim() == 2 and id_prev.shape[1] <= self.prev_block_size)
+        tp = id_prev.shape[1]
+        prev = self.drop(self.tok_emb(id_prev) + self.pos_emb_prev[:, :tp] + sincos(dt_prev, self.n_embd))
+        ctx: dict[str, Any] = {"prev": prev, "prev_mask": (id_prev != self.pad)[:, None, None, :]}
+        if self.video_encoder is not None and batch.get("frames") is not None:
+            frames = batch["frames"]
+            check_shape("neuroformer", frames, f"frames (B, {', '.join(map(str, self.frame_shape))})",
+                        list(frames.shape[1:]) == self.frame_shape)
+            feats = self.video_encoder(frames.unsqueeze(1).float())  # (B, d, f, h, w)
+            feats = F.relu(self.frame_norm(feats.flatten(2).transpose(1, 2)))
+            if self.frame_pos is not None:
+                feats = feats + self.frame_pos
+            sos = self.embed(id_prev.new_full((len(id_prev), 1), self.sos), id_prev.new_zeros((len(id_prev), 1)))
+            feats = self.drop(torch.cat([sos, feats], 1))
+            for blk in self.stimulus_encoder:
+                feats = blk(feats)
+            ctx["frames"] = feats
+        if self.behaviour_mlp is not None and batch.get("behaviour") is not None:
+            beh = batch["behaviour"].float()  # (B, L, V)
+            check_shape("neuroformer", beh, f"behaviour (B, L, {self.n_behaviour})", beh.dim() == 3 and beh.shape[-1] == self.n_behaviour)
+            emb = self.behaviour_mlp(beh.unsqueeze(-1)) + self.behaviour_var.unsqueeze(1)  # (B, L, V, d)
+            emb = emb + sincos(batch["behaviour_dt"], self.n_embd).unsqueeze(2)
+            ctx["behaviour"] = self.drop(emb.flatten(1, 2))
+        return ctx
+
+    def context_kv(self, ctx: dict[str, Any]) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
+        """(block, projected keys/values, mask) for every cross-attention layer, computed once per window."""
+        layers = [(blk, blk.attn.kv(ctx["prev"]), ctx["prev_mask"]) for blk in self.history_blocks]
+        if "frames" in ctx:
+            layers += [(blk, blk.attn.kv(ctx["frames"]), None) for blk in self.stimulus_blocks]
+        if "behaviour" in ctx:
+            layers += [(blk, blk.attn.kv(ctx["behaviour"]), None) for blk in self.behaviour_blocks]
+        return layers
+
+    def trunk(self, x: torch.Tensor, cross: list, mask: torch.Tensor | None,
+              caches: list[KVCache] | None = None) -> torch.Tensor:
+        n_enc = len(self.state_encoder)
+        for i, blk in enumerate(self.state_encoder):
+            x = blk(x, mask=mask, cache=caches[i] if caches else None)
+        for blk, kv, kv_mask in cross:
+            x = blk(x, kv=kv, mask=kv_mask)
+        for i, blk in enumerate(self.decoder):
+            x = blk(x, mask=mask, cache=caches[n_enc + i] if caches else None)
+        return x
+
+    # training forward ----------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Logits for the next ID and dt at every position, CLIP features and the behaviour prediction."""
+        ids, dts = batch["id"], batch["dt"]
+        check_shape("neuroformer", ids, f"id (B, <= {self.block_size}) token ids < {self.id_vocab}",
+                    ids.dim() == 2 and ids.shape[1] <= self.block_size and int(ids.max()) < self.id_vocab)
+        ctx = self.encode_context(batch)
+        x = self.embed(ids, dts)
+        t = ids.shape[1]
+        x = self.trunk(x, self.context_kv(ctx), self.causal[:t, :t])
+        out: dict[str, Any] = {"id_logits": self.head_id(x), "dt_logits": self.head_dt(x), "hidden": x}
+        valid = (ids != self.pad).unsqueeze(-1).float()
+        pooled = (x * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        if self.clip_proj is not None:
+            feats = {"id": pooled}
+            for name in ("frames", "behaviour"):
+                if name in ctx:
+                    feats[name] = ctx[name].mean(1)
+            out["clip"] = {k: self.clip_proj(v) for k, v in feats.items()}
+            if len(feats) > 1:
+                out["clip_loss"] = contrastive_loss(out["clip"], self.clip_temp, self.clip_symmetric)
+        if self.behaviour_head is not None:
+            out["behaviour"] = self.behaviour_head(pooled)
+        return out
+
+    # generation --------------------------------------------------------------------------------------------------
+
+    def _sample(self, h: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator | None,
+                ignore_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        id_logits = self.head_id(h).float()
+        banned = [self.sos, self.pad] + ([self.eos] if ignore_eos else [])
+        id_logits[:, banned] = float("-inf")
+        new_id = sample_top_p(id_logits, top_p, temperature, generator)
+        dt_logits = self.head_dt(h).float()
+        dt_logits[:, self.window_bins:] = float("-inf")  # a current spike's offset lies inside the window
+        new_dt = sample_top_p(dt_logits, top_p, temperature, generator)
+        new_dt = torch.where(new_id == self.eos, torch.full_like(new_dt, self.dt_eos), new_dt)
+        return new_id, new_dt
+
+    def _past_tokens(self, spikes: list[tuple[np.ndarray, np.ndarray]], start: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pack the spikes (ids, bins) falling in [start - prev_bins, start) as past-window tokens."""
+        ids, dts = [], []
+        for sid, sbin in spikes:
+            keep = (sbin >= start - self.prev_bins) & (sbin < start)
+            i, d = pack_tokens(sid[keep], sbin[keep] - (start - self.prev_bins), self.prev_block_size, self.sos,
+                               self.eos, self.pad, self.dt_eos, self.dt_pad)
+            ids.append(i[:-1])
+            dts.append(d[:-1])
+        return torch.from_numpy(np.stack(ids)).to(device), torch.from_numpy(np.stack(dts)).to(device)
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], n_windows: int = 1,
+                 context_fn: Callable[[int], dict[str, torch.Tensor]] | None = None, top_p: float = 0.95,
+                 temperature: float = 1.0, use_cache: bool = True, generator: torch.Generator | None = None,
+                 max_tokens: int | None = None, ignore_eos: bool = False, true_past: bool = False) -> dict[str, Any]:
+        """Sample `n_windows` consecutive windows for each row of `batch`.
+
+        `batch` holds the first window's context: `id_prev`/`dt_prev` (its real past) and, if the model uses
+        them, `frames`, `behaviour`, `behaviour_dt`. `context_fn(w)` returns window w's frames/behaviour (and
+        its real past when `true_past`); otherwise the past is rebuilt from the generated spikes. Returns
+        {"ids", "dts"}: per window (B, L) tokens (EOS, then EOS padding, after a window ends), and "spikes": per
+        row, (neuron ids, bins from the start of window 0).
+        """
+        was_training = self.training
+        self.eval()
+        device = batch["id_prev"].device
+        b = len(batch["id_prev"])
+        max_tokens = min(max_tokens or self.block_size - 1, self.block_size - 1)
+        pid, pdt = batch["id_prev"].cpu().numpy(), batch["dt_prev"].cpu().numpy()
+        spikes = []
+        for r in range(b):
+            real = pid[r] < self.n_neurons
+            spikes.append((pid[r][real], pdt[r][real] - self.prev_bins))
+        out_ids, out_dts = [], []
+        inputs = dict(batch)
+        for w in range(n_windows):
+            if w > 0:
+                inputs = dict(context_fn(w)) if context_fn is not None else dict(inputs)
+                if not true_past:
+                    inputs["id_prev"], inputs["dt_prev"] = self._past_tokens(spikes, w * self.window_bins, device)
+            ids = torch.full((b, 1), self.sos, dtype=torch.long, device=device)
+            dts = torch.zeros((b, 1), dtype=torch.long, device=device)
+            done = torch.zeros(b, dtype=torch.bool, device=device)
+            if use_cache:
+                cross = self.context_kv(self.encode_context(inputs))
+                n_self = len(self.state_encoder) + len(self.decoder)
+                hd = self.n_embd // self.state_encoder[0].attn.n_head if n_self else 1
+                heads = self.state_encoder[0].attn.n_head if n_self else 1
+                caches = [KVCache(b, heads, max_tokens, hd, device, self.tok_emb.weight.dtype) for _ in range(n_self)]
+            for t in range(max_tokens):
+                if use_cache:
+                    h = self.trunk(self.embed(ids[:, -1:], dts[:, -1:], offset=t), cross, None, caches)[:, -1]
+                else:
+                    h = self.forward({**inputs, "id": ids, "dt": dts})["hidden"][:, -1]
+                new_id, new_dt = self._sample(h, top_p, temperature, generator, ignore_eos)
+                new_id = torch.where(done, torch.full_like(new_id, self.eos), new_id)
+                new_dt = torch.where(done, torch.full_like(new_dt, self.dt_eos), new_dt)
+                done |= new_id == self.eos
+                ids, dts = torch.cat([ids, new_id[:, None]], 1), torch.cat([dts, new_dt[:, None]], 1)
+                if bool(done.all()):
+                    break
+            ids, dts = ids[:, 1:], dts[:, 1:]
+            out_ids.append(ids)
+            out_dts.append(dts)
+            ids_np, dts_np = ids.cpu().numpy(), dts.cpu().numpy()
+            for r in range(b):
+                real = ids_np[r] < self.n_neurons
+                sid, sbin = spikes[r]
+                order = np.lexsort((ids_np[r][real], dts_np[r][real]))  # by bin, then neuron
+                spikes[r] = (np.concatenate([sid, ids_np[r][real][order]]),
+                             np.concatenate([sbin, dts_np[r][real][order] + w * self.window_bins]))
+        spikes = [(sid[sbin >= 0], sbin[sbin >= 0]) for sid, sbin in spikes]
+        self.train(was_training)
+        return {"ids": out_ids, "dts": out_dts, "spikes": spikes}
+
+
+@contextmanager
+def record_attention(blocks: list[Block]) -> Iterator[list[Block]]:
+    """Keep the attention weights of `blocks` (in `block.attn.attention`) while inside the context."""
+    for blk in blocks:
+        blk.attn.keep_attention = True
+    try:
+        yield blocks
+    finally:
+        for blk in blocks:
+            blk.attn.keep_attention = False
+            blk.attn.attention = None
+
+
+def init_from_pretrained(model: Neuroformer, path: str | Path, new_prefixes: tuple[str, ...] = ("behaviour_head.",)) -> Neuroformer:
+    """Load a pretrained checkpoint into a model that adds new heads (few-shot fine-tuning): every tensor must
+    match except those under `new_prefixes`, which start fresh (the official `--resume` with strict=False)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"could not read pretrained weights {file}: {first_line(e)}") from None
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own and not k.startswith(new_prefixes)]
+    missing = [k for k in own if k not in state and not k.startswith(new_prefixes)]
+    if bad or unexpected or missing:
+        raise CheckpointError(f"{file} does not fit this model: shape mismatch {bad[:3]}, unexpected {unexpected[:3]}, "
+                              f"missing {missing[:3]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model
+
+
+# builders ----------------------------------------------------------------------------------------------------------
+
+@register_model
+def neuroformer_official(n_neurons: int = 100, window_bins: int = 5, prev_bins: int = 5, block_size: int = 100,
+                         prev_block_size: int = 300, **kwargs: Any) -> Neuroformer:
+    """The size of the official uni-modal model: n_embd 256, 8 heads, 4 layers per stage, no stimulus or
+    behaviour layers, a 300-token past window (about 9.7M parameters for 100 neurons)."""
+    return Neuroformer(n_neurons, window_bins, prev_bins, block_size, prev_block_size,
+                       **{"n_embd": 256, "n_head": 8, "n_state_layers": 4, "n_history_layers": 4,
+                          "n_stimulus_layers": 0, "n_behaviour_layers": 0, "clip": False, **kwargs})

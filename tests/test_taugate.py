@@ -1,0 +1,333 @@
+"""TauGate (dopamine-gated PEFT): exact start, gate formulas, adapters as modes, attribution, rotated digits, and
+the PEFT task with its baselines."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from biozoo.envs.rotated import RotatedDigitsDataModule, RotatedMNISTDataModule, rotate_images
+from biozoo.models import BiozooError, CheckpointError, ShapeError, UnknownNameError, create_model, load_pretrained
+from biozoo.models.taugate import TauGate, find_gate_sites, fingerprint, plot_class_activity, record_outputs
+from conftest import REPO
+
+torch.manual_seed(0)
+
+
+def mlp(activation="relu", seed=0):
+    torch.manual_seed(seed)
+    return create_model("mlp", in_features=64, activation=activation)
+
+
+def copy_of(model):
+    clone = create_model("mlp", **model.biozoo_config()["kwargs"])
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_wrapped_model_starts_equal_to_base_in_both_modes(activation):
+    base = mlp(activation)
+    x = torch.randn(256, 64) * 4
+    with torch.no_grad():
+        ref = base(x)
+    model = TauGate.wrap(base)
+    for mode in ("soft", "hard"):
+        for training in (True, False):
+            model.train(training).set_mode(mode)
+            with torch.no_grad():
+                out = model(x)
+            assert (out - ref).abs().max() < 1e-5, (mode, training)
+            if mode == "hard":
+                assert torch.equal(out, ref)  # the hard gate passes every value: exactly the base
+    # the soft gate is really active (not bypassed): moving tau up changes the output
+    model.set_mode("soft")
+    with torch.no_grad():
+        model.gates[0].tau.fill_(0.5)
+        assert (model(x) - ref).abs().max() > 1e-2
+
+
+def test_gate_formulas_soft_and_hard():
+    base = mlp()
+    model = TauGate.wrap(base, temperature=0.3)
+    gate = model.gates[0]
+    with torch.no_grad():
+        gate.tau.copy_(torch.linspace(-0.5, 1.5, 256))
+        gate.gamma.copy_(torch.linspace(0.5, 2.0, 256))
+    x = torch.randn(32, 64)
+    a = torch.relu(base.features[0](x))
+    expect_soft = gate.gamma * torch.sigmoid((a - gate.tau) / 0.3) * a
+    expect_hard = gate.gamma * (a > gate.tau).float() * a
+    model.train()  # auto mode: soft while training
+    (seen,) = record_outputs(model, [base.features[1]], x)  # the gated output of the first ReLU
+    assert torch.allclose(seen, expect_soft.detach(), atol=1e-6)
+    model.eval()  # ... hard in eval
+    (seen,) = record_outputs(model, [base.features[1]], x)
+    assert torch.allclose(seen, expect_hard.detach(), atol=1e-6)
+    model.set_mode("soft")
+    (seen,) = record_outputs(model, [base.features[1]], x)
+    assert torch.allclose(seen, expect_soft.detach(), atol=1e-6)
+    model.set_temperature(0.01)
+    assert model.temperature == pytest.approx(0.01)
+    with pytest.raises(UnknownNameError, match="gate mode"):
+        model.set_mode("medium")
+    with pytest.raises(BiozooError, match="temperature"):
+        model.set_temperature(0.0)
+    with pytest.raises(ShapeError, match="256 neurons"):
+        gate(torch.zeros(2, 5))
+
+
+def test_surrogate_gradient_moves_tau_from_the_saturated_start():
+    model = TauGate.wrap(mlp())
+    x = torch.randn(64, 64)
+    model.train()
+    model(x).pow(2).sum().backward()
+    assert model.gates[0].tau.grad.abs().max() > 1e-3  # exact sigmoid slope here is ~e^-16: tau would be stuck
+    assert model.gates[0].gamma.grad.abs().max() > 1e-3
+    exact = TauGate.wrap(mlp(), surrogate_width=0.0)
+    exact(x).pow(2).sum().backward()
+    assert exact.gates[0].tau.grad.abs().max() < 1e-4
+
+
+def test_parameter_counts_and_frozen_base():
+    base = mlp()
+    model = TauGate.wrap(base)
+    assert model.parameter_counts() == {"trainable": 2 * (256 + 256), "total": 85_002 + 1_024}
+    assert not any(p.requires_grad for p in base.parameters())
+    assert model.gate_names == ["features.1", "features.3"]
+    with pytest.raises(BiozooError, match="already wrapped"):
+        TauGate.wrap(base)
+    with pytest.raises(BiozooError, match="no ReLU"):
+        TauGate.wrap(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_conv_channels_are_gated_per_channel():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.SiLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 4),
+                         nn.GELU(), nn.Linear(4, 2)).eval()
+    sites = find_gate_sites(base)
+    assert [(name, n, dim) for name, _, n, dim in sites] == [("2", 6, 1), ("5", 4, -1)]
+    x = torch.randn(5, 1, 8, 8)
+    ref = base(x)
+    model = TauGate.wrap(base).eval()
+    assert torch.equal(model(x), ref)
+    assert model.parameter_counts()["trainable"] == 2 * (6 + 4)
+    with torch.no_grad():
+        model.gates[0].gamma[2] = 0.0  # silence channel 2: its whole feature map goes to zero
+    (fmap,) = record_outputs(model, [base[2]], x)
+    assert fmap[:, 2].abs().max() == 0 and fmap[:, 1].abs().max() > 0
+    rates = model.class_activity(x, torch.tensor([0, 1, 0, 1, 1]))
+    assert rates["2"].shape == (2, 6) and rates["5"].shape == (2, 4)
+
+
+def test_training_changes_only_the_gates():
+    """Teacher-student: the targets come from the same base under other gains, so the gates alone can fit them."""
+    base = mlp()
+    before = fingerprint(base)
+    model = TauGate.wrap(base).train()
+    x = torch.rand(128, 64)
+    with torch.no_grad():
+        model.gates[1].gamma.copy_(torch.rand(256) * 2)
+        target = model(x)
+        model.gates[1].gamma.fill_(1.0)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.03)
+    losses = []
+    for _ in range(150):
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert fingerprint(base) == before
+    assert np.mean(losses[-10:]) < 0.1 * losses[0]
+
+
+def test_adapters_switch_modes_and_return_exactly_to_base(tmp_path):
+    base = mlp()
+    x = torch.randn(64, 64)
+    ref = base(x).detach()
+    model = TauGate.wrap(base).eval()
+    with torch.no_grad():
+        for gate in model.gates:
+            gate.tau.uniform_(0.0, 0.5)
+            gate.gamma.uniform_(0.5, 1.5)
+    mode_a = model(x).detach()
+    model.save_adapter(tmp_path / "a")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["adapter.safetensors", "adapter_config.json"]
+    assert (tmp_path / "a" / "adapter.safetensors").stat().st_size < 10_000  # gates only, never the base
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base"]["model"] == "mlp" and config["base_fingerprint"] == fingerprint(base)
+
+    # a second base with the same weights takes the adapter; modes switch without copying the base
+    other = TauGate.wrap(copy_of(base)).eval()
+    weight_ptr = other.base.features[0].weight.data_ptr()
+    other.load_adapter(tmp_path / "a", "rotated")
+    with torch.no_grad():
+        other.gates[0].gamma.fill_(2.0)
+    other.store_mode("loud")
+    other.use_mode("rotated")
+    assert torch.equal(other(x), mode_a)
+    other.use_mode("loud")
+    assert not torch.allclose(other(x), mode_a)
+    other.use_mode(None)
+    assert torch.equal(other(x), ref) and other.current_mode is None
+    other.use_mode("rotated")
+    assert torch.equal(other(x), mode_a)
+    assert other.base.features[0].weight.data_ptr() == weight_ptr
+    with pytest.raises(UnknownNameError, match="unknown TauGate mode 'rotatd'.*Did you mean: rotated"):
+        other.use_mode("rotatd")
+
+    # a base with different weights is refused, as is a missing adapter
+    stranger = TauGate.wrap(mlp(seed=1))
+    with pytest.raises(CheckpointError, match="another base"):
+        stranger.load_adapter(tmp_path / "a", "rotated")
+    with pytest.raises(CheckpointError, match="no TauGate adapter"):
+        stranger.load_adapter(tmp_path / "missing", "x")
+    # a stored mode saves as an adapter too
+    other.save_adapter(tmp_path / "loud", mode="loud")
+    assert other.load_adapter(tmp_path / "loud", "loud2").modes["loud2"]["features.1.gamma"][0] == 2.0
+
+
+def test_portable_save_of_the_whole_wrapped_model(tmp_path):
+    model = TauGate.wrap(mlp()).eval()
+    with torch.no_grad():
+        model.gates[1].tau.fill_(0.3)
+    model.save_pretrained(tmp_path / "tg")
+    loaded = load_pretrained(tmp_path / "tg")
+    x = torch.randn(8, 64)
+    assert isinstance(loaded, TauGate) and torch.equal(loaded(x), model(x))
+
+
+def test_active_neurons_class_summary_and_plot(tmp_path):
+    model = TauGate.wrap(mlp()).eval()
+    x, y = torch.rand(100, 64), torch.arange(100) % 10
+    base_active = model.active_neurons(x)
+    relu_out = torch.relu(model.base.features[0](x))
+    assert torch.equal(base_active["features.1"], relu_out > 0)
+    with torch.no_grad():
+        model.gates[0].tau.fill_(float(relu_out.median()))
+    cut = model.active_neurons(x)["features.1"]
+    assert cut.float().mean() < base_active["features.1"].float().mean()
+    assert torch.equal(cut, relu_out > relu_out.median())
+    rates = model.class_activity(x, y)
+    assert rates["features.1"].shape == (10, 256)
+    assert torch.allclose(rates["features.1"][3], cut[y == 3].float().mean(0))
+    model.use_mode(None)
+    assert torch.equal(model.active_neurons(x)["features.1"], relu_out > 0)
+    out = plot_class_activity({"base": model.class_activity(x, y), "cut": rates}, tmp_path / "neurons.png")
+    assert out.stat().st_size > 5_000
+
+
+def test_rotated_digits_datamodule():
+    dm = RotatedDigitsDataModule(rotated_fraction=0.5)
+    train, val, test = dm.build_datasets()
+    assert (len(train), len(val), len(test)) == (1258, 180, 359)
+    upright, rotated = dm.split("test", 0.0), dm.split("test", 1.0)
+    assert torch.equal(upright.tensors[1], rotated.tensors[1])
+    assert torch.allclose(rotated.tensors[0], rotate_images(upright.tensors[0], 45.0))
+    # half of the mixed test images are the rotated ones, the rest the upright ones
+    same_rot = (test.tensors[0] == rotated.tensors[0]).flatten(1).all(1)
+    same_up = (test.tensors[0] == upright.tensors[0]).flatten(1).all(1)
+    assert abs(int(same_rot.sum()) - 180) <= 1 and bool((same_rot | same_up).all())
+    # two 45 degree turns of a centred square make the 90 degree turn (bilinear blur aside)
+    img = torch.zeros(1, 1, 9, 9)
+    img[..., 2:5, 3:7] = 1.0
+    twice = rotate_images(rotate_images(img, 45.0), 45.0)
+    assert (twice - torch.rot90(img, 1, (2, 3))).abs().mean() < 0.1
+    both = RotatedDigitsDataModule(mixture="both").split("train", 0.5, "both")
+    assert len(both) == 2 * 1258
+    with pytest.raises(BiozooError, match="mixture"):
+        RotatedDigitsDataModule(mixture="most")
+    with pytest.raises(BiozooError, match="rotated_fraction"):
+        RotatedDigitsDataModule(rotated_fraction=2.0)
+
+
+def test_rotated_mnist_reads_real_idx_files(tmp_path):
+    from test_foundation import _write_idx  # the IDX writer of the MNIST loader test
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, (26, 28, 28))
+    for prefix, part in (("train", slice(0, 20)), ("t10k", slice(20, 26))):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[part])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(26)[part] % 10)
+    dm = RotatedMNISTDataModule(data_dir=str(tmp_path), rotated_fraction=1.0, test_rotated_fraction=0.0)
+    train, val, test = dm.build_datasets()
+    assert (len(train), len(val), len(test)) == (18, 2, 6)
+    assert dm.dims["in_features"] == 784
+    x, y = test[3]
+    assert x.shape == (1, 28, 28) and y == 3
+    assert torch.allclose(x * 0.3081 + 0.1307, torch.from_numpy(images[23] / 255.0).float()[None], atol=1e-5)
+    rotated = dm.split("test", 1.0)[3][0]
+    expected = (rotate_images(x * 0.3081 + 0.1307, 45.0) - 0.1307) / 0.3081
+    assert torch.allclose(rotated, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def peft_lib():
+    return pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("method,count", [("frozen", 0), ("bitfit", 522), ("head", 2_570), ("full", 85_002),
+                                          ("taugate", 1_024), ("lora1", 1_098), ("lora8", 8_784)])
+def test_peft_methods_train_what_they_should(method, count, peft_lib):
+    from biozoo.train.taugate import apply_peft, trainable_count
+
+    base = mlp()
+    x = torch.randn(4, 64)
+    ref = base(x).detach()
+    rank = int(method[4:]) if method.startswith("lora") else 4
+    model = apply_peft(base, "lora" if method.startswith("lora") else method, lora_rank=rank)
+    assert trainable_count(model) == count
+    assert torch.allclose(model(x), ref, atol=1e-5)  # every method starts from the foundation's function
+
+
+def test_unknown_method():
+    from biozoo.train.taugate import apply_peft
+
+    with pytest.raises(UnknownNameError, match="unknown PEFT method"):
+        apply_peft(mlp(), "prefix")
+
+
+def test_peft_task_fits_with_annealed_temperature(tmp_path):
+    import lightning as L
+
+    from biozoo.train.taugate import PEFTTask, TemperatureAnneal
+
+    foundation = mlp()
+    foundation.save_pretrained(tmp_path / "foundation")
+    dm = RotatedDigitsDataModule(rotated_fraction=1.0, batch_size=128)
+    task = PEFTTask(method="taugate", checkpoint_path=str(tmp_path / "foundation"), data_dims=dm.dims, lr=0.03)
+    anneal = TemperatureAnneal(0.05, 0.01)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[anneal])
+    trainer.fit(task, datamodule=dm)
+    assert task.model.temperature == pytest.approx(0.01)
+    assert anneal.temperature_at(1, 3) == pytest.approx(math.sqrt(0.05 * 0.01))
+    assert fingerprint(task.model.base) == fingerprint(foundation)
+    assert not torch.equal(task.model.gates[1].gamma.detach(), torch.ones(256))
+    frozen = PEFTTask(method="frozen", checkpoint_path=str(tmp_path / "foundation"), data_dims=dm.dims)
+    with pytest.raises(BiozooError, match="trains no parameter"):
+        frozen.configure_optimizers()
+
+
+def test_cli_runs_the_taugate_config(tmp_path, capsys):
+    """The real CLI, in process: fit the TauGate config for one epoch, then export the checkpoint portably."""
+    from biozoo.cli import BiozooCLI, main
+
+    foundation = mlp()
+    foundation.save_pretrained(tmp_path / "foundation")
+    BiozooCLI(args=["fit", "-c", str(REPO / "configs/taugate/taugate.yaml"), "--trainer.max_epochs", "1",
+                    "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+                    "--model.init_args.checkpoint_path", str(tmp_path / "foundation")])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(ckpt), str(tmp_path / "export")])
+    assert done.value.code == 0 and "model.safetensors" in capsys.readouterr().out
+    loaded = load_pretrained(tmp_path / "export")
+    assert isinstance(loaded, TauGate) and fingerprint(loaded.base) == fingerprint(foundation)
+    assert loaded.temperature == pytest.approx(0.05)  # one epoch of the 0.05 -> 0.01 anneal: still the start
