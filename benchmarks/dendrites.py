@@ -152,7 +152,8 @@ def overhead(rounds: int, models: list[str]) -> None:
     torch.set_num_threads(1)
     for which in models:
         base, x, y = build(which)
-        variants = {"unwrapped": base, "ours k=0": ours(base, 0)}
+        # "unwrapped copy": a second copy of the same model, the noise floor of these ratios
+        variants = {"unwrapped": base, "unwrapped copy": copy.deepcopy(base), "ours k=0": ours(base, 0)}
         for k in (1, 3):
             variants[f"ours k={k}"] = ours(base, k)
             variants[f"plain k={k}"] = plain_dendrites(base, k)
@@ -165,7 +166,8 @@ def overhead(rounds: int, models: list[str]) -> None:
         print(f"  {'variant':<16}{'time':>8}{'params':>10}{'saved for backward':>20}")
         for name, model in variants.items():
             params = sum(p.numel() for p in model.parameters())
-            print(f"  {name:<16}{ratios[name]:>7.2f}x{params / params0:>9.2f}x{saved_bytes(model, x, y) / mem0:>19.2f}x")
+            memory = saved_bytes(model, x, y) / mem0
+            print(f"  {name:<16}{ratios[name]:>7.2f}x{params / params0:>9.2f}x{memory:>19.2f}x")
         pai = time_perforatedai(which, rounds)
         if pai:
             print(f"  perforatedai {pai.pop('version')} (open GD dendrites, own process, own unwrapped baseline "

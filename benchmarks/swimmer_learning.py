@@ -13,7 +13,8 @@ configs/ncap/swim6_ppo.yaml (ncap) or configs/ncap/swim6_mlp_ppo.yaml (mlp: 64x6
 ncap the final weights are then moved, without retraining, to 3, 9 and 12 links (transfer, 5 episodes each).
 gym: configs/ncap/gym_swimmer_v5_mlp_ppo.yaml, mlp_policy with PPO on Swimmer-v5 with gamma 0.9999
 (rl-baselines3-zoo's setting; obs and reward normalisation), 8 async envs; deterministic return over 10 episodes.
-summary: mean +- std over seeds at each budget (returns of 1000), transfer and gym results.
+summary: mean +- std over seeds at each budget (the last evaluation at or before it; returns of 1000), the best
+evaluation of each run (what checkpoint selection by val/return keeps), transfer and gym results.
 all: everything above as parallel processes (one core each), then the summary.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +35,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {"ncap": "swim6_ppo.yaml", "mlp": "swim6_mlp_ppo.yaml", "mlp256": "swim6_mlp_ppo.yaml",
            "gym": "gym_swimmer_v5_mlp_ppo.yaml"}
+
+
+class StopOnSignal:
+    """SIGUSR2 (the `all` deadline) ends training after the current rollout, so the run still reports.
+    (Not SIGTERM: Lightning's own SIGTERM handler aborts the fit.)"""
+
+    def __init__(self):
+        import lightning as L
+
+        class Stop(L.Callback):
+            requested = False
+
+            def on_train_batch_end(self, trainer, *args) -> None:
+                trainer.should_stop = trainer.should_stop or Stop.requested
+
+        self.callback = Stop()
+        signal.signal(signal.SIGUSR2, lambda *_: setattr(Stop, "requested", True))
 
 
 def train(setting: str, seed: int, steps: int, eval_every: int, eval_episodes: int = 5):
@@ -54,7 +73,7 @@ def train(setting: str, seed: int, steps: int, eval_every: int, eval_episodes: i
     fitted = fit_policy(env_id=data["env_id"], seed=seed, env_kwargs=data.get("env_kwargs"), num_envs=data["num_envs"],
                         rollouts_per_epoch=max(1, eval_every // rollout),
                         vectorization_mode=data.get("vectorization_mode", "sync"), total_env_steps=steps,
-                        eval_episodes=eval_episodes, **task)
+                        eval_episodes=eval_episodes, callbacks=[StopOnSignal().callback], **task)
     return fitted, time.time() - start
 
 
@@ -64,7 +83,7 @@ def cmd_run(args) -> dict:
     task, seconds = train(args.model, args.seed, args.steps, args.eval_every)
     result = {"kind": "swim", "model": args.model, "seed": args.seed, "steps": task.env_steps, "seconds": seconds,
               "parameters": task.model.num_parameters(), "curve": task.history,
-              "final": evaluate(task.model, "biozoo/Swimmer-v0", 5, seed=10_000, n_links=6)}
+              "final": evaluate(task.model, "biozoo/Swimmer-v0", 5, seed=20_000, n_links=6)}
     if args.model == "ncap":
         result["transfer"] = {str(n): r for n, r in transfer_returns(task.model, "biozoo/Swimmer-v0", [3, 6, 9, 12],
                                                                       episodes=5, seed=10_000).items()}
@@ -77,7 +96,7 @@ def cmd_gym(args) -> dict:
 
     task, seconds = train("gym", args.seed, args.steps, args.eval_every, eval_episodes=3)
     return {"kind": "gym", "model": "mlp_policy", "seed": args.seed, "steps": task.env_steps, "seconds": seconds,
-            "curve": task.history, "final": evaluate(task.model, "Swimmer-v5", 10, seed=10_000)}
+            "curve": task.history, "final": evaluate(task.model, "Swimmer-v5", 10, seed=20_000)}
 
 
 def at_budget(curve: list, budget: int) -> float:
@@ -94,7 +113,8 @@ def cmd_summary(files: list[str]) -> str:
         budgets = sorted({b for b in (0, 25_000, 50_000, 100_000, 200_000, 500_000, 1_000_000)
                           if any(r["steps"] >= b * 0.98 for r in swim)})
         lines.append("swim, 6 links, PPO: deterministic return (of 1000), mean +- std over seeds [n seeds]")
-        lines.append("model      params  " + " ".join(f"{f'{b // 1000}k steps':<15}" for b in budgets) + " final")
+        lines.append("model      params  " + " ".join(f"{f'{b // 1000}k steps':<15}" for b in budgets)
+                     + " best (val. pick)  final (5 held-out episodes)")
         for model in sorted({r["model"] for r in swim}):
             rs = [r for r in swim if r["model"] == model]
             cells = []
@@ -102,8 +122,12 @@ def cmd_summary(files: list[str]) -> str:
                 v = [at_budget(r["curve"], b) for r in rs if r["steps"] >= b * 0.98]
                 cells.append(f"{np.mean(v):6.1f} +- {np.std(v):5.1f}" if v else " " * 15)
             final = [np.mean(r["final"]) for r in rs]
+            best = [max(v for _, v in r["curve"]) for r in rs]
             lines.append(f"{model:<10} {rs[0]['parameters']:>6}  " + " ".join(cells)
-                         + f" {np.mean(final):6.1f} +- {np.std(final):5.1f} [{len(rs)}], {np.mean([r['seconds'] for r in rs]):.0f} s/run")
+                         + f" {np.mean(best):6.1f} +- {np.std(best):5.1f}  {np.mean(final):6.1f} +- {np.std(final):5.1f}"
+                         + f" [{len(rs)}], {np.mean([r['seconds'] for r in rs]):.0f} s/run")
+            lines.append(f"{'':<18}per seed: final " + ", ".join(f"{f:.1f}" for f in final)
+                         + "; best " + ", ".join(f"{b:.1f}" for b in best))
         ncap = [r for r in swim if "transfer" in r]
         if ncap:
             lines.append("transfer of the 6-link-trained NCAP (no retraining), mean over seeds of 5 episodes:")
@@ -171,11 +195,16 @@ def cmd_all(args) -> None:
     deadline = time.time() + args.deadline if args.deadline else float("inf")
     while any(p.poll() is None for p in running) and time.time() < deadline:
         time.sleep(0.5)
-    for p in running:
-        if p.poll() is None:  # past the deadline: stop it (async env workers exit with their parent)
-            p.terminate()
+    late = [p for p in running if p.poll() is None]
+    for p in late:  # past the deadline: SIGUSR2 ends training after the current rollout, then the run reports
+        p.send_signal(signal.SIGUSR2)
+        print(f"stopped at the deadline: {' '.join(p.args[2:])}", file=sys.stderr)
+    for p in late:
+        try:
+            p.wait(timeout=args.grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
             p.wait()
-            print(f"stopped at the deadline: {' '.join(p.args[2:])}", file=sys.stderr)
     failed = [p.args for p in running if p.returncode != 0]
     if failed:
         print(f"{len(failed)} run(s) failed or were stopped, see {out / 'errors.log'}", file=sys.stderr)
@@ -210,6 +239,7 @@ def main() -> None:
     everything.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     everything.add_argument("--dir", default="runs/bench_swimmer")
     everything.add_argument("--deadline", type=float, default=None, help="seconds; then unfinished runs are stopped")
+    everything.add_argument("--grace", type=float, default=30, help="seconds a stopped run has to report")
     args = parser.parse_args()
     if args.cmd == "summary":
         print(cmd_summary(args.files))

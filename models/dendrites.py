@@ -28,9 +28,9 @@ Two ways to train the dendrites (`mode`):
   Candidate training runs the network in eval mode so that BatchNorm statistics stay those of the neurons.
 
 Differences from the official package, on purpose:
-- Nothing is copied: the layer stays where it is, keeps its parameter names and gains a `dendrites` child
-  (holding the dendrite sets) and a forward hook registered with the first dendrite. A model with no dendrites is
-  the original model, parameter for parameter, with no hidden copy of any layer.
+- Nothing is copied: the layer stays where it is and keeps its parameter names; with its first dendrite it gains
+  a `dendrites` child (holding the dendrite sets) and a forward hook, both removed again if its dendrites are.
+  A wrapped model with no dendrites is the original model, module for module, with no hidden copy of any layer.
 - Output sizes come from the layer (`out_features` / `out_channels`) when it is wrapped, not from a first backward
   pass, so a layer that is frozen or has not been trained yet can still grow dendrites.
 - All state lives on the model and in the caller's objects: no global tracker, no settings file.
@@ -172,12 +172,16 @@ def _dendrite_hook(layer: nn.Module, args: tuple, kwargs: dict, output: torch.Te
 # The transform --------------------------------------------------------------------------------------------------
 
 def dendrite_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: layer} for every wrapped layer of `model`, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m._modules.get("dendrites"), DendriteStack)}
+    """{name: layer} for every wrapped layer of `model` (with or without dendrites yet), in module order."""
+    return {name: model.get_submodule(name) for name in model.__dict__.get("_dendrite_layers", [])}
+
+
+def _stack(layer: nn.Module) -> DendriteStack | None:
+    return layer._modules.get("dendrites")
 
 
 def _stacks(model: nn.Module) -> list[DendriteStack]:
-    return [layer.dendrites for layer in dendrite_layers(model).values()]
+    return [s for s in map(_stack, dendrite_layers(model).values()) if s is not None]
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -219,12 +223,12 @@ def select_layers(model: nn.Module, include: str | Iterable[str] | None = None,
 
 def _wrap(model: nn.Module, names: list[str], mode: str, activation: str, init_scale: float,
           base_config: dict[str, Any] | None) -> nn.Module:
-    modules = dict(model.named_modules())
     for name in names:
-        layer = modules[name]
-        if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+        if isinstance(model.get_submodule(name).weight, nn.parameter.UninitializedParameter):
             raise BiozooError(f"add_dendrites: {name} is a lazy layer; run one forward pass before wrapping it")
-        layer.dendrites = DendriteStack(layer, mode, activation, init_scale)
+    # only names: a layer gets its `dendrites` child and its hook with its first dendrite, so a wrapped model with
+    # no dendrite is the original model, module for module
+    model._dendrite_layers = list(names)
     model._dendrite_spec = {"base": base_config, "mode": mode, "activation": activation, "init_scale": init_scale}
     # an instance attribute shadows the class's biozoo_config: the saved config is the live structure
     model.biozoo_config = types.MethodType(_dendrite_config, model)
@@ -253,7 +257,7 @@ def add_dendrites(model: nn.Module, mode: str = "gd", include: str | Iterable[st
     check_choice("activation", activation, ACTIVATIONS)
     if not init_scale > 0:
         raise BiozooError(f"init_scale must be positive, got {init_scale}")
-    if dendrite_layers(model):
+    if "_dendrite_spec" in model.__dict__:
         raise BiozooError("add_dendrites: this model already has dendrite layers; build a fresh model to re-wrap it")
     names = select_layers(model, include, exclude)
     base = model.biozoo_config() if hasattr(model, "biozoo_config") else None
@@ -267,7 +271,12 @@ def dendrite_mode(model: nn.Module) -> str | None:
 
 def dendrite_counts(model: nn.Module) -> dict[str, int]:
     """{layer name: number of dendrite sets}."""
-    return {name: len(layer.dendrites.sets) for name, layer in dendrite_layers(model).items()}
+    return {name: dendrite_counts_of(layer) for name, layer in dendrite_layers(model).items()}
+
+
+def dendrite_counts_of(layer: nn.Module) -> int:
+    stack = _stack(layer)
+    return len(stack.sets) if stack is not None else 0
 
 
 def _require_wrapped(model: nn.Module) -> dict[str, nn.Module]:
@@ -281,7 +290,7 @@ def unused_dendrite_layers(model: nn.Module) -> list[str]:
     """Layers that have dendrites but whose forward has not run since the last dendrites were added: their module
     uses the layer's weights directly (e.g. `F.linear(x, layer.weight)`), so the dendrites would do nothing."""
     return [name for name, layer in dendrite_layers(model).items()
-            if layer.dendrites.sets and not layer.dendrites.called]
+            if _stack(layer) is not None and _stack(layer).sets and not _stack(layer).called]
 
 
 def check_dendrites_used(model: nn.Module) -> None:
@@ -293,11 +302,13 @@ def check_dendrites_used(model: nn.Module) -> None:
                           f"{'their' if len(unused) > 1 else 'its'} forward; exclude them (exclude=[...])")
 
 
-def _grow(layer: nn.Module, frozen: bool) -> DendriteSet:
-    stack: DendriteStack = layer.dendrites
-    stack.called = False
-    if _dendrite_hook not in layer._forward_hooks.values():  # registered once, a no-op while there are no sets
+def _grow(model: nn.Module, layer: nn.Module, frozen: bool) -> DendriteSet:
+    stack = _stack(layer)
+    if stack is None:
+        spec = model._dendrite_spec
+        stack = layer.dendrites = DendriteStack(layer, spec["mode"], spec["activation"], spec["init_scale"])
         layer.register_forward_hook(_dendrite_hook, with_kwargs=True)
+    stack.called = False
     new = stack.grow(layer)
     if frozen:
         for p in new.input_parameters():
@@ -313,11 +324,11 @@ def add_dendrite_set(model: nn.Module) -> int:
     """
     layers = _require_wrapped(model)
     candidates = dendrite_mode(model) == "perforated"
-    if candidates and any(layer.dendrites.training_candidate for layer in layers.values()):
+    if candidates and any(s.training_candidate for s in _stacks(model)):
         raise BiozooError("the previous candidates are still training; call freeze_candidates(model) first")
     added = 0
     for layer in layers.values():
-        added += sum(p.numel() for p in _grow(layer, frozen=False).parameters())
+        added += sum(p.numel() for p in _grow(model, layer, frozen=False).parameters())
         layer.dendrites.training_candidate = candidates
     return added
 
@@ -330,12 +341,18 @@ def set_dendrite_counts(model: nn.Module, counts: dict[str, int]) -> None:
         raise CheckpointError(f"dendrite layers differ: expected {sorted(layers)}, got {sorted(counts)}")
     frozen = dendrite_mode(model) == "perforated"
     for name, layer in layers.items():
-        stack: DendriteStack = layer.dendrites
-        stack.training_candidate = False
-        while len(stack.sets) > counts[name]:
-            del stack.sets[len(stack.sets) - 1]
-        while len(stack.sets) < counts[name]:
-            _grow(layer, frozen)
+        stack = _stack(layer)
+        if stack is not None:
+            stack.training_candidate = False
+            while len(stack.sets) > counts[name]:
+                del stack.sets[len(stack.sets) - 1]
+            if not stack.sets:  # back to the plain layer: no child, no hook
+                del layer.dendrites
+                for key in [k for k, hook in layer._forward_hooks.items() if hook is _dendrite_hook]:
+                    del layer._forward_hooks[key]
+                    layer._forward_hooks_with_kwargs.pop(key, None)
+        while dendrite_counts_of(layer) < counts[name]:
+            _grow(model, layer, frozen)
 
 
 # Perforated mode: candidate training ----------------------------------------------------------------------------
@@ -368,8 +385,7 @@ class CorrelationMeter:
 
 
 def candidate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in dendrite_layers(model).values() if layer.dendrites.training_candidate
-            for p in layer.dendrites.sets[-1].input_parameters()]
+    return [p for s in _stacks(model) if s.training_candidate for p in s.sets[-1].input_parameters()]
 
 
 @torch.enable_grad()  # callers may be inside a no-grad context (a Lightning hook after validation)

@@ -97,7 +97,7 @@ def test_killed_fit_resumes_from_its_last_checkpoint(tmp_path):
     final = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     # Lightning resumes mid-epoch and finishes the remaining batches (give or take one save interval)
     assert 2 * steps_per_epoch - 10 <= final["global_step"] <= 2 * steps_per_epoch
-    assert final["epoch"] == 1
+    assert final["epoch"] >= 1  # 1 or 2, depending on whether the last save came before or after epoch end
     resumed_rows = val_rows(root / "logs" / "version_1" / "metrics.csv")
     assert len(resumed_rows) == 1 and int(resumed_rows[0]["step"]) > saved  # only the remaining epoch ran
 

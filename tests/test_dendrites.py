@@ -23,8 +23,9 @@ from conftest import REPO, run_biozoo
 
 @register_model(name="_dendrite_test_recurrent", hidden=True)
 class TinyRecurrent(PretrainedMixin, nn.Module):
-    """An LSTM-like cell built from nn.Linear projections (called once per step), a Conv1d front end, and a
-    Linear shared by two paths plus a head tied to it: the cases the transform must get right."""
+    """An LSTM-like cell built from nn.Linear projections (called once per step), a Conv1d front end, a Linear
+    reachable under two names, and an output layer whose weight is tied to the head's: cases the transform must
+    get right."""
 
     def __init__(self, input_size: int = 3, hidden: int = 6, num_classes: int = 4):
         super().__init__()
@@ -80,8 +81,10 @@ def test_wrapping_is_free_and_a_new_dendrite_changes_nothing():
     model = biozoo.create_model("mlp", in_features=64, num_classes=10, hidden=[8])
     x = torch.randn(5, 64)
     before, params, keys = model(x), list(model.parameters()), list(model.state_dict())
+    modules = [id(m) for m in model.modules()]
     add_dendrites(model)
-    # no copy, no hook, no new tensor: the wrapped model with 0 dendrites is the model
+    # no copy, no hook, no new module or tensor: the wrapped model with 0 dendrites is the model
+    assert [id(m) for m in model.modules()] == modules
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     assert list(model.state_dict()) == keys
     assert all(not m._forward_hooks for m in model.modules())
@@ -271,6 +274,8 @@ def test_set_counts_removes_and_restores():
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".node." in n or "cascade" in n)
     set_dendrite_counts(model, {"features.0": 0, "head": 1})
     assert dendrite_counts(model) == {"features.0": 0, "head": 1}
+    layer = model.features[0]  # back to the plain layer: no child module, no hook
+    assert not hasattr(layer, "dendrites") and not layer._forward_hooks and model.head._forward_hooks
     with pytest.raises(CheckpointError, match="dendrite layers differ"):
         set_dendrite_counts(model, {"head": 1})
 

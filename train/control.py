@@ -591,7 +591,7 @@ class ControlTask(BiozooTask):
 def fit_policy(model: str = "ncap", env_id: str = "biozoo/Swimmer-v0", seed: int = 0,
                env_kwargs: dict[str, Any] | None = None, num_envs: int = 8, rollouts_per_epoch: int = 5,
                vectorization_mode: str = "sync", root_dir: str | None = None, initial_eval: bool = True,
-               **task_kwargs: Any) -> ControlTask:
+               callbacks: list | None = None, **task_kwargs: Any) -> ControlTask:
     """Train in-process without logger or checkpoints (benchmarks, notebooks); the returned task holds
     `history`, the (env steps, val/return) pairs, starting with the untrained policy's return when
     `initial_eval`. The CLI (`biozoo fit`) is the route for shipped runs."""
@@ -603,7 +603,7 @@ def fit_policy(model: str = "ncap", env_id: str = "biozoo/Swimmer-v0", seed: int
     task = ControlTask(model, data_dims=data.dims, report=False, **task_kwargs)
     trainer = L.Trainer(max_epochs=10**6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        default_root_dir=root_dir)
+                        default_root_dir=root_dir, callbacks=callbacks)
     if initial_eval:
         trainer.validate(task, datamodule=data, verbose=False)
     trainer.fit(task, datamodule=data)

@@ -101,8 +101,9 @@ class Dendrites(L.Callback):
         check_choice("Dendrites mode", mode, MODES)
         check_choice("Dendrites monitor_mode", monitor_mode, ("max", "min"))
         check_choice("Dendrites activation", activation, ACTIVATIONS)
-        for name, value, low in (("patience", patience, 1), ("max_cycles", max_cycles, 0), ("max_tries", max_tries, 1),
-                                 ("candidate_epochs", candidate_epochs, 1), ("candidate_patience", candidate_patience, 1)):
+        for name, value, low in (("patience", patience, 1), ("max_cycles", max_cycles, 0),
+                                 ("max_tries", max_tries, 1), ("candidate_epochs", candidate_epochs, 1),
+                                 ("candidate_patience", candidate_patience, 1)):
             if not isinstance(value, int) or value < low:
                 raise BiozooError(f"Dendrites {name} must be an integer >= {low}, got {value!r}")
         if threshold_rel < 0 or threshold_abs < 0 or candidate_lr <= 0 or init_scale <= 0:
@@ -111,7 +112,8 @@ class Dendrites(L.Callback):
         self.patience, self.threshold_rel, self.threshold_abs = patience, threshold_rel, threshold_abs
         self.max_cycles, self.max_tries = max_cycles, max_tries
         self.include, self.exclude, self.activation, self.init_scale = include, exclude, activation, init_scale
-        self.candidate_epochs, self.candidate_lr, self.candidate_patience = candidate_epochs, candidate_lr, candidate_patience
+        self.candidate_epochs, self.candidate_lr = candidate_epochs, candidate_lr
+        self.candidate_patience = candidate_patience
         self.plot, self.verbose = plot, verbose
         # run state (saved in checkpoints)
         self.best: float | None = None  # the best score so far, and the model that scored it
@@ -138,7 +140,8 @@ class Dendrites(L.Callback):
     def _model(pl_module: L.LightningModule) -> torch.nn.Module:
         model = getattr(pl_module, "model", None)
         if not isinstance(model, torch.nn.Module):
-            raise BiozooError(f"Dendrites needs the task's network as `self.model`; {type(pl_module).__name__} has none")
+            raise BiozooError(f"Dendrites needs the task's network as `self.model`; "
+                              f"{type(pl_module).__name__} has none")
         return model
 
     def _improves(self, score: float, reference: float | None, thresholds: bool = True) -> bool:
@@ -303,7 +306,10 @@ class Dendrites(L.Callback):
                 if not isinstance(loader, DataLoader):
                     raise BiozooError("Dendrites(mode='perforated') supports one training DataLoader, got "
                                       f"{type(loader).__name__}")
-                batches = lambda: (pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in loader)  # noqa: E731
+
+                def batches():
+                    return (pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in loader)
+
                 scores = train_candidates(model, batches, self._loss_fn(pl_module), self.candidate_epochs,
                                           self.candidate_lr, self.candidate_patience)
                 freeze_candidates(model)
