@@ -15,7 +15,7 @@ t = 0, n, 2n, ..., the paper's sparse external feedback) and, for classification
 - `SequentialDigitsDataModule`: classify a digit read `step_pixels` pixels per step in raster order (one row per
   step by default: 8 steps for scikit-learn's 8x8 digits, 28 on MNIST; `step_pixels=2` gives 32 steps on 8x8).
 
-`source="digits"` (scikit-learn, offline, 70/10/20 split) or `"mnist"` (torchvision files under data_dir; a
+`source="digits"` (scikit-learn, offline, a 70/10/20 split drawn with `seed`, which also shuffles) or `"mnist"` (torchvision files under data_dir; a
 clear DataNotFoundError when they are absent).
 """
 

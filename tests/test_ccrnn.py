@@ -265,3 +265,20 @@ def test_cli_fit_export_and_reload(tmp_path):
     assert config["model"] == "ccrnn_linedraw" and config["kwargs"]["truncation"] == 1
     model = biozoo.load_pretrained(tmp_path / "export")
     assert model(torch.zeros(1, 10, 1)).shape == (1, 10, 2) and model.cerebellum is not None
+
+
+def test_shipped_weights_reproduce_their_cards():
+    model = biozoo.create_model("ccrnn_seqmnist.digits8")
+    dm = SequentialDigitsDataModule()
+    dm.setup()
+    x, y = dm.test_set.tensors
+    with torch.no_grad():
+        acc = float((model(x).argmax(-1) == y).float().mean())
+    assert acc == pytest.approx(model.pretrained_cfg.metrics["test_acc"], abs=2e-3)
+    model = biozoo.create_model("ccrnn_linedraw.lines7")
+    lines = LineDrawingDataModule()
+    lines.setup()
+    x, y = lines.test_set.tensors
+    with torch.no_grad():
+        deviation = float(trajectory_deviation(model(x), y).mean())
+    assert deviation == pytest.approx(model.pretrained_cfg.metrics["test_deviation"], abs=2e-3)
