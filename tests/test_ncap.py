@@ -19,9 +19,9 @@ from biozoo.train.control import (centered_ranks, evaluate, fit_policy, gae, mak
 from conftest import run_biozoo
 
 
-def obs_for(model: NCAP, joint_angles, step: int, extra: int = 0) -> torch.Tensor:
-    """An observation: joint angles, `extra` zeros (body velocities), the normalised time last."""
-    return torch.tensor([[*joint_angles, *([0.0] * extra), step / 1000]], dtype=torch.float32)
+def obs_for(joint_angles, step: int) -> torch.Tensor:
+    """An observation: the joint angles, then the normalised time (body velocities are not read by NCAP)."""
+    return torch.tensor([[*joint_angles, step / 1000]], dtype=torch.float32)
 
 
 class ZeroPolicy(torch.nn.Module):
@@ -85,14 +85,14 @@ def test_render_or_one_line_gl_error():
 def test_ncap_hand_computed_torques():
     model = NCAP(n_links=4)  # 3 joints, all weights at their constant init
     q = model.joint_limit
-    obs = obs_for(model, [0.5 * q, -1.0 * q, 0.0], step=0)
+    obs = obs_for([0.5 * q, -1.0 * q, 0.0], step=0)
     # joint 0: oscillator dorsal -> +1; joint 1: s_d(joint 0) = 0.5 -> +0.5; joint 2: s_v(joint 1) = 1 -> -1
     assert torch.allclose(model(obs), torch.tensor([[1.0, 0.5, -1.0]]))
-    obs = obs_for(model, [0.5 * q, -1.0 * q, 0.0], step=30)  # second half of the 60-step period: ventral
+    obs = obs_for([0.5 * q, -1.0 * q, 0.0], step=30)  # second half of the 60-step period: ventral
     assert torch.allclose(model(obs), torch.tensor([[-1.0, 0.5, -1.0]]))
-    obs = obs_for(model, [0.0, 0.0, 0.0], step=61)
+    obs = obs_for([0.0, 0.0, 0.0], step=61)
     assert torch.allclose(model(obs), torch.tensor([[1.0, 0.0, 0.0]]))
-    assert torch.allclose(NCAP(4, oscillator_period=20)(obs_for(model, [0, 0, 0], step=10)), torch.tensor([[-1.0, 0, 0]]))
+    assert torch.allclose(NCAP(4, oscillator_period=20)(obs_for([0, 0, 0], step=10)), torch.tensor([[-1.0, 0, 0]]))
 
 
 def test_parameter_counts_and_ablations():
@@ -100,9 +100,9 @@ def test_parameter_counts_and_ablations():
     assert create_model("ncap", n_links=13).num_parameters() == 4
     assert create_model("ncap_unshared", n_links=6).num_parameters() == 30  # 6J
     assert NCAP(6, proprioception=False).num_parameters() == 3
-    head_only = NCAP(6, proprioception=False)(obs_for(None, [0.5] * 5, step=0))
+    head_only = NCAP(6, proprioception=False)(obs_for([0.5] * 5, step=0))
     assert head_only[0, 0] == 1 and torch.all(head_only[0, 1:] == 0)
-    assert NCAP(6, head_oscillator=False)(obs_for(None, [0.0] * 5, step=0)).abs().sum() == 0
+    assert NCAP(6, head_oscillator=False)(obs_for([0.0] * 5, step=0)).abs().sum() == 0
     assert create_model("mlp_policy", in_features=24, num_classes=5).num_parameters(True) == 24 * 64 + 64 * 64 + 64 * 5 + 64 + 64 + 5
     assert create_model("mlp_policy_256", in_features=24, num_classes=5).num_parameters(True) == 73_477  # the NCAP paper's MLP with the time feature
 
@@ -112,7 +112,7 @@ def test_sign_constraints_and_init():
     model = NCAP(6)
     assert model.prop.item() == 1 and model.osc.item() == 1 and model.muscle_ipsi.item() == 1
     assert model.muscle_contra.item() == -1
-    obs = obs_for(model, [0.3, -0.2, 0.5, 0.1, -0.4], step=3)
+    obs = obs_for([0.3, -0.2, 0.5, 0.1, -0.4], step=3)
     with torch.no_grad():
         model.prop.fill_(-2.0)  # an excitatory weight below zero acts as zero
     clamped = model(obs)
@@ -137,7 +137,7 @@ def test_graded_passes_gradient_at_its_bounds():
     assert torch.equal(y.detach(), x.detach().clamp(0, 1))
     assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]))
     model = NCAP(6)  # constant init puts the head B-neuron exactly at 1: the oscillator weight still learns
-    model(obs_for(model, [0.1, -0.2, 0.3, 0.1, 0.0], step=0)).sum().backward()
+    model(obs_for([0.1, -0.2, 0.3, 0.1, 0.0], step=0)).sum().backward()
     assert model.osc.grad.abs().item() > 0
 
 
@@ -151,7 +151,7 @@ def test_weights_transfer_across_body_lengths(tmp_path):
         moved = load_pretrained(tmp_path / "ncap6", n_links=n)
         assert moved.n_links == n and moved.joint_limit == pytest.approx(2 * math.pi / n)
         assert all(torch.equal(a, b) for a, b in zip(moved.parameters(), model.parameters()))
-        assert moved(obs_for(moved, [0.1] * (n - 1), step=5)).shape == (1, n - 1)
+        assert moved(obs_for([0.1] * (n - 1), step=5)).shape == (1, n - 1)
         assert torch.equal(transfer_to(model, n).prop, model.prop)
     with pytest.raises(CheckpointError, match="shape mismatch"):
         transfer_to(create_model("ncap_unshared", n_links=6), 9)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ from torch.utils.data import TensorDataset
 
 import biozoo.envs  # noqa: F401  (registers biozoo/Swimmer-v0)
 from biozoo.envs import BiozooDataModule
-from biozoo.models import create_model
 from biozoo.models.baselines import MLP
 from biozoo.models.errors import BiozooError
 from biozoo.models.ncap import GaussianHead, RunningNorm, transfer_to
@@ -72,6 +72,18 @@ def make_vec_env(env_id: str, num_envs: int, time_feature: bool = True, vectoriz
     return RecordEpisodeStatistics(envs)
 
 
+@contextmanager
+def one_thread():
+    """Run the policy's many tiny forward passes on one thread: a thread pool only adds synchronisation (and
+    milliseconds per call on a busy machine) at batch sizes of a few environments."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def to_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
 
@@ -85,6 +97,7 @@ def finished_episodes(info: dict[str, Any]) -> list[tuple[int, float]]:
 
 
 @torch.no_grad()
+@one_thread()
 def evaluate(policy: nn.Module, env_id: str, episodes: int = 10, seed: int = 0, time_feature: bool = True,
              max_envs: int = 16, **env_kwargs: Any) -> list[float]:
     """Returns of `episodes` deterministic episodes (episode i starts from reset seed `seed + i`), for any
@@ -122,6 +135,7 @@ def transfer_returns(policy: nn.Module, env_id: str, n_links: list[int], episode
 # Rollout plots and video --------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@one_thread()
 def rollout(policy: nn.Module, env_id: str, seed: int = 0, render: bool = False, time_feature: bool = True,
             **env_kwargs: Any) -> dict[str, Any]:
     """One deterministic episode: joint angles (T, J), head position (T, 2), rewards (T,) and, with
@@ -398,6 +412,7 @@ class ControlTask(BiozooTask):
         return to_tensor(obs, self.device), reward, terminated, truncated, finished_episodes(info)
 
     @torch.no_grad()
+    @one_thread()
     def collect(self) -> dict[str, torch.Tensor]:
         """One PPO rollout of steps_per_env steps from every env."""
         T, N = self.ppo_cfg.steps_per_env, self.envs.num_envs
@@ -411,7 +426,7 @@ class ControlTask(BiozooTask):
             buf["actions"].append(action)
             buf["logp"].append(dist.log_prob(action).sum(-1))
             buf["values"].append(self.critic(obs).squeeze(-1))
-            buf["valid"].append(~self._done)  # False on the autoreset step after an episode ended
+            buf["valid"].append((~self._done).to(self.device))  # False on the autoreset step after an episode ended
             self._obs, reward, terminated, truncated, episodes = self._step_envs(action)
             episode_returns += [r for _, r in episodes]
             self._done = torch.as_tensor(terminated | truncated)
@@ -496,6 +511,7 @@ class ControlTask(BiozooTask):
             stats["return"] = float(data["episode_returns"].mean())
         return stats
 
+    @one_thread()
     def es_generation(self) -> dict[str, float]:
         """One ES generation: antithetic members, one episode each, rank-shaped gradient, one Adam step."""
         cfg, envs = self.es_cfg, self.envs
