@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
+from biozoo.models.errors import check_choice
+
 from .datamodules import DigitsDataModule, MNISTDataModule, load_digits_arrays, split_indices
 
 STAGES = ("train", "val", "test")
@@ -69,10 +71,7 @@ class RotationMixin:
 
     def set_rotation(self, angle: float, rotated_fraction: float, test_rotated_fraction: float | None,
                      mix_seed: int, mixture: str) -> None:
-        if mixture not in MIXTURES:
-            from biozoo.models.errors import BiozooError
-
-            raise BiozooError(f"mixture must be one of {', '.join(MIXTURES)}, got {mixture!r}")
+        check_choice("mixture", mixture, MIXTURES)
         rotated_mask(0, rotated_fraction, 0)  # validates the fraction
         self.angle, self.rotated_fraction, self.test_rotated_fraction = angle, rotated_fraction, test_rotated_fraction
         self.mix_seed, self.mixture = mix_seed, mixture

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import hashlib
 import inspect
@@ -20,7 +19,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .errors import BiozooError, CheckpointError, UnknownNameError
+from .errors import BiozooError, CheckpointError, UnknownNameError, suggest
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -47,12 +46,6 @@ class PretrainedCfg:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def suggest(name: str, choices: list[str]) -> str:
-    """' Did you mean: a, b?' for the closest names, or ''."""
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 def register_model(fn: Callable | None = None, *, name: str | None = None, hidden: bool = False):

@@ -33,7 +33,10 @@ beyond float rounding:
   all ticks.
 - Adaptive compute (`halt_threshold`): a sample stops once its certainty reaches the threshold (after
   `min_ticks`), its prediction is frozen for the remaining ticks, it leaves the batch, and the forward ends
-  when every sample has halted. `CTMOutput.ticks` says how many ticks each sample used.
+  when every sample has halted. `CTMOutput.ticks` says how many ticks each sample used. For outputs with
+  several positions (parity, mazes) `halt_on="min"` (the default) halts when the least certain position is
+  sure; `halt_on="mean"` uses the official certainty, the mean over positions, which halts while a few
+  positions are still unresolved.
 - `track=True` returns tensors (not numpy arrays) of pre-/post-activations, attention and synchronisations.
 
 The blocks (`SuperLinear`, `NeuronLevelModels`, `SynapseUNET`, `make_synapses`, `synch_pairs`, backbones,
@@ -55,20 +58,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hub import PretrainedMixin, register_checkpoint_format, safe_torch_load
-from ._registry import register_model, suggest
-from .errors import BiozooError, CheckpointError, UnknownNameError, check_shape
+from ._registry import register_model
+from .errors import BiozooError, CheckpointError, check_choice, check_shape
 
 NEURON_SELECT_TYPES = ("first-last", "random", "random-pairing")
+HALT_ON = ("min", "mean")
 RESNET_BACKBONES = tuple(f"resnet{depth}-{stage}" for depth in (18, 34, 50, 101, 152) for stage in (1, 2, 3, 4))
 BACKBONES = RESNET_BACKBONES + ("shallow-wide", "parity_backbone", "none")
 POSITIONAL_EMBEDDINGS = ("none", "learnable-fourier", "multi-learnable-fourier", "custom-rotational",
                          "custom-rotational-1d")
-
-
-def check_choice(what: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UnknownNameError(f"unknown {what} {value!r}.{suggest(str(value), list(choices))} "
-                               f"Known: {', '.join(choices)}")
 
 
 # --- Core blocks ------------------------------------------------------------------------------------------------
@@ -259,12 +257,15 @@ def synch_pairs(neuron_select_type: str, left: torch.Tensor, right: torch.Tensor
     return left[i], right[j]
 
 
-def normalised_entropy(logits: torch.Tensor, reshaper: Sequence[int]) -> torch.Tensor:
-    """(N, out) -> (N,): entropy of softmax over the last reshaped axis / log(classes), averaged over positions."""
+def normalised_entropy(logits: torch.Tensor, reshaper: Sequence[int], reduce: str = "mean") -> torch.Tensor:
+    """(N, out) -> (N,): entropy of softmax over the last reshaped axis / log(classes), averaged over positions
+    (the official certainty), or their maximum with `reduce="max"` (the least certain position)."""
     logits = logits.float().reshape([logits.size(0)] + list(reshaper))
     log_p = torch.log_softmax(logits, -1)
     ne = -(log_p.exp() * log_p).sum(-1) / math.log(logits.size(-1))
-    return ne.flatten(1).mean(-1) if ne.dim() > 1 else ne
+    if ne.dim() == 1:
+        return ne
+    return ne.flatten(1).amax(-1) if reduce == "max" else ne.flatten(1).mean(-1)
 
 
 # --- Backbones ---------------------------------------------------------------------------------------------------
@@ -524,6 +525,14 @@ class TickedModelBase(PretrainedMixin, nn.Module):
         ne = normalised_entropy(predictions, self.prediction_reshaper)
         return torch.stack((ne, 1 - ne), -1)
 
+    def halting_certainty(self, predictions: torch.Tensor, certainty: torch.Tensor, halt_on: str) -> torch.Tensor:
+        """(N,) certainty that adaptive compute compares with the threshold: the official one (`mean` over
+        positions) or that of the least certain position (`min`)."""
+        check_choice("halt_on", halt_on, HALT_ON)
+        if halt_on == "mean":
+            return certainty[:, 1]
+        return 1 - normalised_entropy(predictions, self.prediction_reshaper, reduce="max")
+
 
 def attention_memory(attention: nn.MultiheadAttention, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys (B, h, hd, L) and values (B, h, L, hd) of nn.MultiheadAttention for a constant kv: computed once
@@ -593,11 +602,15 @@ class CTMOutput:
         return iter((self.predictions, self.certainties, self.synchronisation))
 
     def most_certain_tick(self) -> torch.Tensor:
-        """(B,) index of the most certain tick (the official choice for accuracy)."""
-        return self.certainties[:, 1].argmax(-1)
+        """(B,) index of the tick each answer is read at: the most certain tick (the official choice), or, for a
+        sample that halted before the last tick, its halting tick."""
+        certain = self.certainties[:, 1].argmax(-1)
+        if self.ticks is None:
+            return certain
+        return torch.where(self.ticks < self.predictions.size(-1), self.ticks - 1, certain)
 
     def most_certain(self) -> torch.Tensor:
-        """(B, out_dims) predictions at each sample's most certain tick."""
+        """(B, out_dims) predictions at each sample's most certain (or halting) tick."""
         idx = self.most_certain_tick()
         return self.predictions[torch.arange(len(idx), device=idx.device), :, idx]
 
@@ -626,7 +639,7 @@ class ContinuousThoughtMachine(TickedModelBase):
 
     Extra arguments: `in_channels` (image channels read by the ResNet's 1x1 `initial_rgb`, or the token width
     for backbone 'none'), `num_classes` (used as `out_dims` when that is None; filled in from the data).
-    `halt_threshold` / `min_ticks` set the default adaptive compute of `forward`.
+    `halt_threshold` / `min_ticks` / `halt_on` set the default adaptive compute of `forward`.
     """
 
     def __init__(self, iterations: int = 50, d_model: int = 512, d_input: int = 128, heads: int = 4,
@@ -636,9 +649,10 @@ class ContinuousThoughtMachine(TickedModelBase):
                  out_dims: int | None = None, prediction_reshaper: Sequence[int] = (-1,), dropout: float = 0.0,
                  dropout_nlm: float | None = None, neuron_select_type: str = "random-pairing",
                  n_random_pairing_self: int = 0, in_channels: int | None = None, num_classes: int | None = None,
-                 halt_threshold: float | None = None, min_ticks: int = 1):
+                 halt_threshold: float | None = None, min_ticks: int = 1, halt_on: str = "min"):
         super().__init__()
         check_choice("neuron_select_type", neuron_select_type, NEURON_SELECT_TYPES)
+        check_choice("halt_on", halt_on, HALT_ON)
         out_dims = out_dims if out_dims is not None else num_classes
         if out_dims is None:
             raise BiozooError("ctm needs out_dims (or num_classes)")
@@ -653,7 +667,7 @@ class ContinuousThoughtMachine(TickedModelBase):
         self.prediction_reshaper = list(prediction_reshaper)
         self.backbone_type, self.positional_embedding_type = backbone_type, positional_embedding_type
         self.neuron_select_type = neuron_select_type
-        self.halt_threshold, self.min_ticks = halt_threshold, min_ticks
+        self.halt_threshold, self.min_ticks, self.halt_on = halt_threshold, min_ticks, halt_on
         dropout_nlm = dropout if dropout_nlm is None else dropout_nlm
 
         self.build_input_stack(backbone_type, positional_embedding_type, in_channels)
@@ -694,12 +708,13 @@ class ContinuousThoughtMachine(TickedModelBase):
         return torch.cat(lefts), torch.cat(rights), torch.exp(-torch.cat(decays))
 
     def forward(self, x: torch.Tensor, track: bool = False, halt_threshold: float | None = None,
-                min_ticks: int | None = None) -> CTMOutput:
+                min_ticks: int | None = None, halt_on: str | None = None) -> CTMOutput:
         """Run the ticks. `halt_threshold` (default: the model's): per-sample early exit once the certainty
-        reaches it and at least `min_ticks` ticks ran."""
+        (`halt_on`: "min" or "mean" over positions) reaches it and at least `min_ticks` ticks ran."""
         self.check_input(x)
         halt_threshold = self.halt_threshold if halt_threshold is None else halt_threshold
         min_ticks = self.min_ticks if min_ticks is None else min_ticks
+        halt_on = self.halt_on if halt_on is None else halt_on
         B, T, D = x.size(0), self.iterations, self.d_model
         S_out = self.synch_representation_size_out
         halting = halt_threshold is not None
@@ -758,7 +773,7 @@ class ContinuousThoughtMachine(TickedModelBase):
             predictions[active, :, t:] = prediction.unsqueeze(-1)  # frozen for later ticks unless overwritten
             certainties[active, :, t:] = certainty.unsqueeze(-1)
             synch_final[active] = synch_out.float()
-            done = certainty[:, 1] >= halt_threshold
+            done = self.halting_certainty(prediction, certainty, halt_on) >= halt_threshold
             if t + 1 < min_ticks or not bool(done.any()):
                 continue
             ticks[active[done]] = t + 1

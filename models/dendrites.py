@@ -55,18 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import create_model, register_model
-from .errors import BiozooError, CheckpointError
+from .errors import BiozooError, CheckpointError, check_choice
 
 MODES = ("gd", "perforated")
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
-
-
-def check_choice(what: str, value: str, choices: Iterable[str]) -> None:
-    choices = list(choices)
-    if value not in choices:
-        raise BiozooError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
 
 
 # Blocks ---------------------------------------------------------------------------------------------------------

@@ -267,6 +267,23 @@ def test_cli_fit_export_and_reload(tmp_path):
     assert model(torch.zeros(1, 10, 1)).shape == (1, 10, 2) and model.cerebellum is not None
 
 
+def test_seqmnist_config_runs_on_mnist_files(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(1).integers(0, 256, (120, 28, 28))
+    for split, n in (("train", 120), ("t10k", 50)):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", images[:n])
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    root = tmp_path / "run"
+    run_biozoo("fit", "-c", "configs/ccrnn/seqmnist.yaml", "--data.init_args.data_dir", str(tmp_path / "data"),
+               "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
+               "--trainer.enable_progress_bar", "false")
+    header = next(root.glob("logs/*/metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"val/loss", "val/acc", "train/cerebellum_loss_epoch"} <= set(header)
+    hparams = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["truncation"] == 3 and hparams["data_dims"]["seq_len"] == 28
+
+
 def test_shipped_weights_reproduce_their_cards():
     model = biozoo.create_model("ccrnn_seqmnist.digits8")
     dm = SequentialDigitsDataModule()

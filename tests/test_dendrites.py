@@ -130,7 +130,7 @@ def test_include_exclude_and_clear_errors():
         add_dendrites(model, exclude="nope")
     with pytest.raises(BiozooError, match="'stem.1' is a BatchNorm2d; dendrites wrap nn.Linear"):
         add_dendrites(model, include="stem.1")
-    with pytest.raises(BiozooError, match="mode must be one of gd, perforated"):
+    with pytest.raises(BiozooError, match="unknown mode .*Known: gd, perforated"):
         add_dendrites(model, mode="pb")
     lstm = biozoo.create_model("lstm", input_size=8, hidden_size=8)
     with pytest.raises(BiozooError, match="'lstm' is a LSTM"):
@@ -365,7 +365,7 @@ def test_callback_resumes_with_its_dendrites(tmp_path):
 
 
 def test_callback_settings_are_checked():
-    with pytest.raises(BiozooError, match="mode must be one of"):
+    with pytest.raises(BiozooError, match="unknown Dendrites mode 'cascor'"):
         Dendrites(mode="cascor")
     with pytest.raises(BiozooError, match="patience must be an integer >= 1"):
         Dendrites(patience=0)

@@ -198,6 +198,26 @@ def test_lightning_checkpoint_hparams_are_primitives(tmp_path):
     assert torch.allclose(model(x), task.model.eval()(x))
 
 
+def test_last_checkpoint_stays_current_when_the_monitored_metric_stops_improving(tmp_path):
+    import lightning as L
+    from biozoo.train.callbacks import RunCheckpoint
+
+    class NoImprovement(SupervisedTask):  # val/loss never improves after epoch 0: no new top-k checkpoint
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", 1.0 + self.current_epoch)
+
+    task = NoImprovement(model="mlp", model_kwargs={"hidden": [8]}, data_dims=DigitsDataModule().dims)
+    checkpoint = RunCheckpoint()
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1, logger=False,
+                        callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(task, DigitsDataModule(batch_size=8))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 12 and last["epoch"] == 2
+    best = torch.load(checkpoint.best_model_path, weights_only=True)
+    assert best["global_step"] == 4
+
+
 def test_checkpoint_path_finetuning_starts_from_weights(tmp_path):
     base = biozoo.create_model("mlp", hidden=[16])
     base.save_pretrained(tmp_path)

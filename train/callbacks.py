@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -44,6 +45,35 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = run_checkpoint_dir(trainer)
         return super()._find_last_checkpoints(trainer)
+
+    # Lightning only refreshes last.ckpt when a top-k checkpoint was written at the same step, so a run whose
+    # monitored metric stops improving would resume from a stale state. We refresh it after every save point.
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        if not self.save_last or bool(trainer.fast_dev_run) or trainer.sanity_checking:
+            return
+        if trainer.state.fn != TrainerFn.FITTING or self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and self.monitor is not None and self.monitor not in self._monitor_candidates(trainer):
+            # before the first validation the top-k save is deferred; keep last.ckpt current meanwhile, without
+            # marking the step as saved so the deferred top-k save still happens at validation end
+            saved_step = self._last_global_step_saved
+            self._refresh_last(trainer)
+            self._last_global_step_saved = saved_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
 
 
 class ExceptionCheckpoint(OnExceptionCheckpoint):

@@ -33,7 +33,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from biozoo.models.errors import BiozooError
+from biozoo.models.errors import check_choice
 
 from .tasks import BiozooTask, build_model
 
@@ -161,8 +161,7 @@ class CCRNNTask(BiozooTask):
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0, scheduler: str = "cosine",
                  min_lr_ratio: float = 0.0):
         super().__init__(lr, weight_decay, warmup_steps, scheduler, min_lr_ratio)
-        if training not in TRAININGS:
-            raise BiozooError(f"training must be one of {', '.join(TRAININGS)}, got {training!r}")
+        check_choice("training", training, TRAININGS)
         self.save_hyperparameters()
         self.automatic_optimization = False
         kwargs = dict(model_kwargs or {})

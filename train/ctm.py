@@ -117,18 +117,18 @@ THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 
 
 def accuracy_at_certain_tick(output: Any, target: torch.Tensor) -> tuple[int, int]:
-    """(correct, total) of the argmax at each sample's most-certain tick (per position for (B, L) targets).
-    With halting the frozen prediction is the most certain one, so this scores the halting tick."""
-    logits = tick_logits(output, output.certainties[:, 1].argmax(-1))
+    """(correct, total) of the argmax at each sample's most-certain tick (per position for (B, L) targets),
+    or at its halting tick if it halted early (`CTMOutput.most_certain_tick`)."""
+    logits = tick_logits(output, output.most_certain_tick())
     correct = (logits.argmax(1) == target).sum().item()
     return int(correct), target.numel()
 
 
 @torch.no_grad()
 def adaptive_compute_table(model: torch.nn.Module, batches: Any, thresholds: Sequence[float] = THRESHOLDS,
-                           min_ticks: int = 1) -> list[dict[str, Any]]:
+                           min_ticks: int = 1, halt_on: str | None = None) -> list[dict[str, Any]]:
     """Accuracy and mean ticks used per certainty threshold, and for all ticks (threshold None, the official
-    most-certain evaluation). `batches` yields (x, y)."""
+    most-certain evaluation). `batches` yields (x, y); `halt_on` (default: the model's) "min" or "mean"."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -136,7 +136,8 @@ def adaptive_compute_table(model: torch.nn.Module, batches: Any, thresholds: Seq
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         for threshold in stats:
-            out = model(x, halt_threshold=threshold, min_ticks=min_ticks)
+            halting = {"halt_threshold": threshold, "min_ticks": min_ticks} | ({"halt_on": halt_on} if halt_on else {})
+            out = model(x, **halting)
             correct, total = accuracy_at_certain_tick(out, y)
             ticks = out.ticks.float().sum().item() if out.ticks is not None else out.predictions.size(-1) * len(x)
             s = stats[threshold]
