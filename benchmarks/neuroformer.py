@@ -11,7 +11,8 @@ generation seeds:
   (coupling + history + linear frame filter + behaviour) fit on the training split; target: NF > GLM;
 - rate r: each test trial generated from its own past, per-neuron PSTH in --psth-bin bins, Pearson r vs the
   real PSTH averaged over neurons (target >= 0.8), with the GLM and a real-vs-real split-half ceiling;
-- connectivity AUROC from attention vs the ground-truth adjacency (target >= 0.9);
+- connectivity AUROC from attention vs the ground-truth adjacency (target >= 0.9), with two references read
+  from the training spikes directly: the GLM's coupling weights and the one-bin cross-correlogram;
 - behaviour (with --finetuned): Pearson r / R^2 of each fine-tuned checkpoint vs ridge on the spike counts of
   the same few-shot windows (the fine-tune config's subset for that checkpoint's data seed).
 Writes metrics.json and raster.png under --out.
@@ -32,7 +33,7 @@ from biozoo.envs.spikes import SpikesDataModule
 from biozoo.models import load_pretrained
 from biozoo.train.neuroformer import (PoissonGLM, attention_connectivity, behaviour_predictions,
                                       connectivity_auroc, counts_features, generate_trials, generate_true_past,
-                                      mean_std, plot_raster, psth, rate_correlation, real_trials,
+                                      lagged_lift, mean_std, plot_raster, psth, rate_correlation, real_trials,
                                       regression_scores, set_scores, teacher_forced_scores, true_sets)
 
 
@@ -100,6 +101,10 @@ def main() -> None:
         for layers in ("history", "decoder"):
             score = attention_connectivity(model, test, max_windows=args.windows * 2, layers=layers)
             conn[layers] = connectivity_auroc(score, data.adjacency)
+        # references from the spikes themselves (not from Neuroformer): what the data allow
+        conn["glm_coupling"] = connectivity_auroc(glm.coupling(), data.adjacency)
+        lift = lagged_lift(data, *dm.splits["train"], tok.resolution)
+        conn["spike_lift_1bin"] = connectivity_auroc(lift, data.adjacency)
         results["connectivity_auroc"] = conn
         print(f"[{time.time() - clock:.0f}s] connectivity AUROC: {conn}", flush=True)
         save()

@@ -8,6 +8,9 @@ At the official model's size (n_embd 256, 8 heads, 4 layers per stage, a 300-tok
 `use_cache=False` (a full forward of the whole prefix per token), from the same generator seed. Prints tokens/s
 (per wall second and per CPU second of the process, which a busy shared machine distorts less) of each, their
 ratio (target >= 10x), and whether the tokens are identical. --batch N generates N rows together (throughput).
+It also times the per-token matrix products alone (every weight a cached token multiplies, nothing else): at
+batch 1 that is the time to read those weights from memory, a floor under a cached token, so recompute time /
+that floor bounds the speed-up any cache can reach on the machine.
 
 With --official (a folder holding the official repository's neuroformer/ modules; einops must be importable,
 timm is stubbed since its ViT is unused by default), the official model of the same size is built and timed
@@ -25,6 +28,7 @@ import types
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from biozoo.models import create_model
 from biozoo.models.neuroformer import Neuroformer
@@ -57,6 +61,33 @@ def time_generation(model: Neuroformer, windows: int, use_cache: bool, rows: int
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     n_tokens = sum(ids.numel() for ids in out["ids"])
     return n_tokens / elapsed, n_tokens / cpu, out["ids"] + out["dts"]
+
+
+def per_token_weights(model: Neuroformer) -> list[torch.Tensor]:
+    """The weight matrices that one cached token multiplies: every block's query, output and MLP projections,
+    and the key/value projections of the self-attention layers (cross-attention keys/values are per window)."""
+    weights = []
+    for blk in [*model.state_encoder, *model.decoder]:
+        weights += [blk.attn.key.weight, blk.attn.value.weight]
+    for blk in [*model.state_encoder, *model.history_blocks, *model.stimulus_blocks, *model.behaviour_blocks,
+                *model.decoder]:
+        weights += [blk.attn.query.weight, blk.attn.proj.weight, blk.mlp[0].weight, blk.mlp[2].weight]
+    return weights
+
+
+def matvec_floor_s(model: Neuroformer, rows: int = 1, reps: int = 20) -> float:
+    """Seconds per token of the per-token matrix products alone (no attention, norms or sampling): a lower
+    bound on a cached token's cost. At batch 1 it is the time to read those weights from memory."""
+    weights = per_token_weights(model)
+    inputs = {w.shape[1]: torch.randn(rows, 1, w.shape[1]) for w in weights}
+    with torch.no_grad():
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+        start = time.perf_counter()
+        for _ in range(reps):
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+    return (time.perf_counter() - start) / reps
 
 
 def official_tokens_per_s(folder: str, n_neurons: int = 100, windows: int = 1) -> tuple[float, float, int]:
@@ -106,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = {
         "official size (neuroformer_official)": create_model("neuroformer_official"),
-        "sim100 size": create_model("neuroformer", n_embd=64, n_head=2, dropout=0.1, frame_shape=[3, 16, 16],
+        "sim100 size": create_model("neuroformer", n_embd=64, n_head=1, dropout=0.1, frame_shape=[3, 16, 16],
                                     n_behaviour=1),
     }
     ours = None
@@ -116,11 +147,13 @@ def main() -> None:
         recompute, recompute_cpu, tokens_r = time_generation(model, args.windows, False, args.batch)
         same = all(torch.equal(a, b) for a, b in zip(tokens_c, tokens_r))
         ours = ours or (cached, cached_cpu)
+        floor = matvec_floor_s(model, args.batch) / args.batch  # per token
         print(f"{name}: {model.num_parameters() / 1e6:.2f}M params, {args.threads} threads, batch {args.batch}, "
               f"windows of 100 tokens: "
               f"KV cache {cached:.1f} tokens/s ({cached_cpu:.1f} per CPU-s), recompute {recompute:.1f} tokens/s "
               f"({recompute_cpu:.1f} per CPU-s), ratio {cached / recompute:.1f}x wall, "
-              f"{cached_cpu / recompute_cpu:.1f}x CPU time; identical tokens: {same}")
+              f"{cached_cpu / recompute_cpu:.1f}x CPU time; identical tokens: {same}; per-token matrix products "
+              f"alone {floor * 1e3:.2f} ms, so the cache can be at most {1 / (floor * recompute):.1f}x recompute here")
     if args.official and args.batch == 1:
         off, off_cpu, n_params = official_tokens_per_s(args.official, windows=1)
         print(f"official code (same size, {n_params / 1e6:.2f}M params), measured now: {off:.1f} tokens/s "

@@ -29,9 +29,12 @@ target is the behaviour's value at the end of the current window.
 Generation (`generate`): window by window, token by token until EOS, with top-p sampling of the ID head
 (over neurons and EOS) and then of the dt head (over the current window's offsets). After a window, its
 spikes join the past, so later windows see the model's own generated past (official `true_past=False`).
-`use_cache=True` keeps each self-attention layer's keys and values and the cross-attention keys and values of
-the window's context, so each token costs one position per layer; `use_cache=False` re-runs the whole model
+`use_cache=True` encodes the window's context (past tokens, frames, behaviour) and projects its cross-attention
+keys and values once per window, and keeps each self-attention layer's keys and values, so each token costs one
+position per layer (`decode_step` -> `Block.step`); `use_cache=False` re-runs the whole model, context included,
 per token as the official code does. Both give the same logits, hence the same tokens for the same generator.
+At batch 1 a cached token is a chain of matrix-vector products: its cost is reading every weight once (37 MB at
+the official size), which bounds its speed-up over recomputing (matrix-matrix products on the prefix) on a CPU.
 
 Differences from the official code (all deliberate, each a documented bug or a missing piece there):
 - Frame patches get a learned position embedding (`frame_pos_emb`); the official code computes a 3-D sincos
@@ -111,12 +114,21 @@ def sample_top_p(logits: torch.Tensor, top_p: float, temperature: float,
 
 
 class KVCache:
-    """Keys and values of one self-attention layer, preallocated for a window."""
+    """Keys and values of one self-attention layer, preallocated for a window. `kv_weight`: the layer's key and
+    value projections fused into one (weight, bias), for `Block.step`."""
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                 kv_weight: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.n = 0
+        self.kv_weight = kv_weight
+
+    @classmethod
+    def for_block(cls, block: "Block", batch: int, length: int) -> "KVCache":
+        a, w = block.attn, block.attn.key.weight
+        fused = (torch.cat([a.key.weight, a.value.weight]), torch.cat([a.key.bias, a.value.bias]))
+        return cls(batch, a.n_head, length, w.shape[0] // a.n_head, w.device, w.dtype, fused)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
@@ -174,13 +186,33 @@ class Block(nn.Module):
                                  nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         k, v = self.attn.kv(x) if kv is None else kv
-        if cache is not None:
-            k, v = cache.append(k, v)
         x = x + self.attn(self.ln1(x), k, v, mask)
         x = x + self.mlp(self.ln2(x))
         return self.ln_f(x)
+
+    def step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+             bias: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """`forward` for one new position (B, 1, d) in eval mode, as direct functional calls (at batch 1 the
+        per-call overhead is as large as the arithmetic): self-attention keys/values from the cache's fused
+        projection, appended to `cache`; cross-attention keys/values `kv` precomputed for the window, with
+        `bias` (0 / -inf) on masked keys; explicit attention, since one query needs no fused kernel."""
+        a, (fc1, _, fc2, _) = self.attn, self.mlp
+        b, _, d = x.shape
+        if kv is None:  # with one position, (B, 1, H, hd) -> (B, H, 1, hd) is a view
+            k, v = cache.append(*F.linear(x, *cache.kv_weight).view(b, 2 * a.n_head, 1, d // a.n_head).chunk(2, 1))
+        else:
+            k, v = kv
+        h = F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        q = F.linear(h, a.query.weight, a.query.bias).view(b, a.n_head, 1, d // a.n_head) * k.shape[-1] ** -0.5
+        att = q @ k.transpose(-2, -1)
+        if bias is not None:
+            att = att + bias
+        x = x + F.linear((att.softmax(-1) @ v).view(b, 1, d), a.proj.weight, a.proj.bias)
+        h = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        x = x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return F.layer_norm(x, (d,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
 
 
 @register_model(name="neuroformer")
@@ -303,24 +335,46 @@ class Neuroformer(PretrainedMixin, nn.Module):
             ctx["behaviour"] = self.drop(emb.flatten(1, 2))
         return ctx
 
-    def context_kv(self, ctx: dict[str, Any]) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
-        """(block, projected keys/values, mask) for every cross-attention layer, computed once per window."""
-        layers = [(blk, blk.attn.kv(ctx["prev"]), ctx["prev_mask"]) for blk in self.history_blocks]
+    def context_kv(self, ctx: dict[str, Any],
+                   additive: bool = False) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
+        """(block, projected keys/values, mask) for every cross-attention layer, computed once per window; with
+        `additive` the past's PAD mask is a bias (0 or -inf), as `Block.step` takes it."""
+        mask = ctx["prev_mask"]
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=ctx["prev"].dtype, device=mask.device).masked_fill(~mask, -math.inf)
+        layers = [(blk, blk.attn.kv(ctx["prev"]), mask) for blk in self.history_blocks]
         if "frames" in ctx:
             layers += [(blk, blk.attn.kv(ctx["frames"]), None) for blk in self.stimulus_blocks]
         if "behaviour" in ctx:
             layers += [(blk, blk.attn.kv(ctx["behaviour"]), None) for blk in self.behaviour_blocks]
         return layers
 
-    def trunk(self, x: torch.Tensor, cross: list, mask: torch.Tensor | None,
-              caches: list[KVCache] | None = None) -> torch.Tensor:
+    def new_caches(self, batch: int, length: int) -> list[KVCache]:
+        """Empty caches for every self-attention layer (state encoder, then decoder)."""
+        return [KVCache.for_block(blk, batch, length) for blk in [*self.state_encoder, *self.decoder]]
+
+    def decode_step(self, ids: torch.Tensor, dts: torch.Tensor, offset: int, cross: list,
+                    caches: list[KVCache]) -> torch.Tensor:
+        """The last hidden state (B, d) for one new token at `offset`, reading earlier tokens from `caches`
+        (`new_caches`) and the window's context from `cross` (`context_kv(..., additive=True)`): one position per
+        layer, the generation path of `use_cache=True`."""
+        x = self.embed(ids, dts, offset)
         n_enc = len(self.state_encoder)
         for i, blk in enumerate(self.state_encoder):
-            x = blk(x, mask=mask, cache=caches[i] if caches else None)
+            x = blk.step(x, cache=caches[i])
+        for blk, kv, bias in cross:
+            x = blk.step(x, kv=kv, bias=bias)
+        for i, blk in enumerate(self.decoder):
+            x = blk.step(x, cache=caches[n_enc + i])
+        return x[:, -1]
+
+    def trunk(self, x: torch.Tensor, cross: list, mask: torch.Tensor | None) -> torch.Tensor:
+        for blk in self.state_encoder:
+            x = blk(x, mask=mask)
         for blk, kv, kv_mask in cross:
             x = blk(x, kv=kv, mask=kv_mask)
-        for i, blk in enumerate(self.decoder):
-            x = blk(x, mask=mask, cache=caches[n_enc + i] if caches else None)
+        for blk in self.decoder:
+            x = blk(x, mask=mask)
         return x
 
     # training forward ----------------------------------------------------------------------------------------------
@@ -408,15 +462,12 @@ class Neuroformer(PretrainedMixin, nn.Module):
             ids = torch.full((b, 1), self.sos, dtype=torch.long, device=device)
             dts = torch.zeros((b, 1), dtype=torch.long, device=device)
             done = torch.zeros(b, dtype=torch.bool, device=device)
-            if use_cache:
-                cross = self.context_kv(self.encode_context(inputs))
-                n_self = len(self.state_encoder) + len(self.decoder)
-                hd = self.n_embd // self.state_encoder[0].attn.n_head if n_self else 1
-                heads = self.state_encoder[0].attn.n_head if n_self else 1
-                caches = [KVCache(b, heads, max_tokens, hd, device, self.tok_emb.weight.dtype) for _ in range(n_self)]
+            if use_cache:  # the context's keys/values once per window; per token, one position per layer
+                cross = self.context_kv(self.encode_context(inputs), additive=True)
+                caches = self.new_caches(b, max_tokens)
             for t in range(max_tokens):
                 if use_cache:
-                    h = self.trunk(self.embed(ids[:, -1:], dts[:, -1:], offset=t), cross, None, caches)[:, -1]
+                    h = self.decode_step(ids[:, -1:], dts[:, -1:], t, cross, caches)
                 else:
                     h = self.forward({**inputs, "id": ids, "dt": dts})["hidden"][:, -1]
                 new_id, new_dt = self._sample(h, top_p, temperature, generator, ignore_eos)

@@ -14,8 +14,8 @@ from biozoo.envs.spikes import (SpikeData, SpikesDataModule, SpikeTokenizer, Spi
 from biozoo.models import create_model, load_pretrained
 from biozoo.models.errors import BiozooError, CheckpointError, ShapeError
 from biozoo.models.neuroformer import Neuroformer, contrastive_loss, init_from_pretrained
-from biozoo.train.neuroformer import (NeuroformerTask, attention_connectivity, connectivity_auroc, neuroformer_loss,
-                                      psth, rate_correlation, set_scores)
+from biozoo.train.neuroformer import (NeuroformerTask, attention_connectivity, connectivity_auroc, lagged_lift,
+                                      neuroformer_loss, psth, rate_correlation, set_scores)
 
 from conftest import run_biozoo
 
@@ -61,10 +61,9 @@ def test_simulate_is_seeded_and_has_the_promised_structure(small_data):
 def test_simulated_connectivity_shows_in_the_spikes():
     """Spikes of j raise i's rate in the next 20 ms exactly when j -> i: the ground truth is recoverable."""
     data = simulate(30, 120.0, seed=0, stimulus=False, behaviour=False)
-    counts = data.counts(0.01)  # (N, T)
-    follow = counts[:, :-2] @ (counts[:, 1:-1] + counts[:, 2:]).T  # j spikes then i spikes 10-20 ms later
-    lift = follow / np.outer(counts.sum(1), counts.mean(1) * 2)
-    assert connectivity_auroc(lift, data.adjacency) > 0.8
+    lift = lagged_lift(data, 0.0, 120.0)  # j spikes, then i spikes in the next 10 ms bin
+    assert lift.shape == (30, 30) and connectivity_auroc(lift, data.adjacency) > 0.8
+    assert connectivity_auroc(lift.T, data.adjacency) < 0.7  # the direction is recovered too
 
 
 def test_stimulus_drives_repeatable_rates():
@@ -184,13 +183,12 @@ def test_cached_step_logits_equal_the_full_forward(small_dm):
     model = tiny_model(small_dm)
     batch = collate_windows([small_dm.train_set[i] for i in range(4)], model.pad)
     full = model(batch)["hidden"]
-    ctx = model.context_kv(model.encode_context(batch))
-    from biozoo.models.neuroformer import KVCache
-
-    caches = [KVCache(4, 2, batch["id"].shape[1], 16, torch.device("cpu"), torch.float32) for _ in range(2)]
-    steps = [model.trunk(model.embed(batch["id"][:, t:t + 1], batch["dt"][:, t:t + 1], offset=t), ctx, None, caches)
+    ctx = model.context_kv(model.encode_context(batch), additive=True)
+    caches = model.new_caches(4, batch["id"].shape[1])
+    steps = [model.decode_step(batch["id"][:, t:t + 1], batch["dt"][:, t:t + 1], t, ctx, caches)
              for t in range(batch["id"].shape[1])]
-    torch.testing.assert_close(model.head_id(torch.cat(steps, 1)), model.head_id(full), atol=1e-5, rtol=1e-5)
+    assert (batch["id_prev"] == model.pad).any()  # the past's PAD mask is exercised
+    torch.testing.assert_close(model.head_id(torch.stack(steps, 1)), model.head_id(full), atol=1e-5, rtol=1e-5)
 
 
 def test_generate_with_and_without_cache_gives_identical_tokens(small_dm):
@@ -211,7 +209,6 @@ def test_generate_with_and_without_cache_gives_identical_tokens(small_dm):
 def test_generated_past_is_fed_back(small_dm):
     """Window 2's past is rebuilt from generated spikes: editing window 1's output changes window 2."""
     model = tiny_model(small_dm)
-    ctx = {k: v for k, v in collate_windows([small_dm.test_set[0]], model.pad).items() if k not in ("id", "dt")}
     spikes = [(np.array([4, 9]), np.array([-3, 2]))]
     ids, dts = model._past_tokens(spikes, 5, torch.device("cpu"))
     assert ids[0, :4].tolist() == [model.sos, 4, 9, model.eos] and dts[0, 1:3].tolist() == [2, 7]

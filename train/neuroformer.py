@@ -18,7 +18,8 @@ simulation.py, analysis.py, attention_vis.py).
     neurons (official `calc_corr_psth`), with the GLM and a real-vs-real split-half ceiling alongside;
   * connectivity: attention from a query that predicts neuron i (its next-ID target) to the past tokens of
     neuron j, averaged over held-out windows and normalised by how much j is attended overall; AUROC against
-    the simulator's adjacency (off-diagonal pairs);
+    the simulator's adjacency (off-diagonal pairs), next to two references that read the spikes directly: the
+    GLM's coupling weights and the one-bin cross-correlogram (`lagged_lift`);
   * behaviour: Pearson r and R^2 of the fine-tuned head on held-out windows, against ridge regression on the
     spike counts of the same windows (current + past) trained on the same few-shot windows;
   * a raster of real against generated spikes (`raster.png`).
@@ -27,20 +28,19 @@ simulation.py, analysis.py, attention_vis.py).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchmetrics import MeanMetric, PearsonCorrCoef, R2Score
+from torch.utils.data import Dataset
+from torchmetrics import PearsonCorrCoef, R2Score
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from biozoo.models import create_model, get_pretrained_cfg
-from biozoo.models._registry import accepted_kwargs, get_builder, pretrained_dir
-from biozoo.models.errors import BiozooError, CheckpointError
+from biozoo.models._registry import pretrained_dir
+from biozoo.models.errors import CheckpointError
 from biozoo.models.neuroformer import Neuroformer, init_from_pretrained, record_attention
 
 from .losses import LossOutput, register_loss
@@ -316,6 +316,14 @@ def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int
     return score.t().numpy()  # [j, i]
 
 
+def lagged_lift(data: Any, t0: float, t1: float, resolution: float = 0.01) -> np.ndarray:
+    """(N, N) [j, i]: how much more often i spikes in the bin after a spike of j than on average (the
+    cross-correlogram at one bin): what the spikes alone say about connectivity, a reference for attention."""
+    counts = data.counts(resolution, t0, t1)
+    follow = counts[:, :-1] @ counts[:, 1:].T
+    return follow / np.outer(counts[:, :-1].sum(1), counts[:, 1:].mean(1)).clip(1e-12)
+
+
 def connectivity_auroc(score: np.ndarray, adjacency: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -404,6 +412,10 @@ class PoissonGLM:
     def rates(self, hist: torch.Tensor, bins: np.ndarray) -> torch.Tensor:
         x = torch.cat([self.history_features(hist), torch.from_numpy(self.covariates(bins))], -1)
         return ((x - self.mu) / self.sd @ self.w + self.b).clamp(max=0.0).exp()  # <= 1 spike per bin: free GLM runs can explode
+
+    def coupling(self) -> np.ndarray:
+        """(N, N) [j, i]: the fitted weight of j's counts 1-2 bins back on i's log rate (a connectivity score)."""
+        return (self.w[:self.n] + self.w[self.n:2 * self.n]).numpy()
 
     def simulate(self, start_bins: np.ndarray, n_bins: int, seed: int = 0) -> np.ndarray:
         """Sample n_bins from each start bin, with the real history before it; (B, n_bins, N) counts."""
