@@ -11,8 +11,8 @@ run: one PPO training on the 6-link `swim` task through ControlTask, with the hy
 configs/ncap/swim6_ppo.yaml (ncap) or configs/ncap/swim6_mlp_ppo.yaml (mlp: 64x64 tanh; mlp256: 256x256). Every
 `eval_every` env steps the deterministic policy is scored on 5 fixed episodes; the curve is saved as JSON. For
 ncap the final weights are then moved, without retraining, to 3, 9 and 12 links (transfer, 5 episodes each).
-gym: configs/ncap/gym_swimmer_v5_mlp_ppo.yaml, mlp_policy with PPO on Swimmer-v5 with gamma 0.9999
-(rl-baselines3-zoo's setting; obs and reward normalisation), 8 async envs; deterministic return over 10 episodes.
+gym: configs/ncap/gym_swimmer_v5_mlp_ppo.yaml, mlp_policy with PPO on Swimmer-v5 with rl-baselines3-zoo's
+setting (SB3 defaults, gamma 0.9999, obs normalisation, time feature; 1 env); deterministic return over 10 episodes.
 summary: mean +- std over seeds at each budget (the last evaluation at or before it; returns of 1000), the best
 evaluation of each run (what checkpoint selection by val/return keeps), transfer and gym results.
 all: everything above as parallel processes (one core each), then the summary.
@@ -128,11 +128,11 @@ def cmd_summary(files: list[str]) -> str:
                          + f" [{len(rs)}], {np.mean([r['seconds'] for r in rs]):.0f} s/run")
             lines.append(f"{'':<18}per seed: final " + ", ".join(f"{f:.1f}" for f in final)
                          + "; best " + ", ".join(f"{b:.1f}" for b in best))
-        ncap = [r for r in swim if "transfer" in r]
+        ncap = [r for r in swim if r.get("transfer")]
         if ncap:
             lines.append("transfer of the 6-link-trained NCAP (no retraining), mean over seeds of 5 episodes:")
             for n in sorted({int(k) for r in ncap for k in r["transfer"]}):
-                v = [np.mean(r["transfer"][str(n)]) for r in ncap]
+                v = [np.mean(r["transfer"][str(n)]) for r in ncap if str(n) in r["transfer"]]
                 lines.append(f"  n_links={n:<3} {np.mean(v):6.1f} +- {np.std(v):5.1f}")
             for r in ncap:
                 lines.append(f"  seed {r['seed']} weights: " + ", ".join(f"{k}={v[0]:.3f}" for k, v in r["weights"].items()))

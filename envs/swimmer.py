@@ -21,6 +21,11 @@ Differences from dm_control: the target geom and the frame sensors that only the
 out (they do not touch the dynamics); the rendering assets are our own. Each control step runs
 `mj_step` 15 times then `mj_step1`, so sensors describe the state after the step, as dm_control's legacy step does.
 
+MuJoCo is imported on first use (`load_mujoco`), not when the env id is registered. It loads the OpenGL backend
+named by MUJOCO_GL at import time, so a missing libEGL / libOSMesa breaks `import mujoco` itself; physics needs
+no GL, so mujoco is then imported with rendering disabled (one warning) and only `render()` fails, with a
+one-line error saying how to enable it.
+
     import gymnasium as gym, biozoo.envs
     env = gym.make("biozoo/Swimmer-v0", n_links=6)              # also: gym.make_vec(..., num_envs=8)
     env = gym.make("biozoo/Swimmer-v0", render_mode="rgb_array")  # needs MUJOCO_GL=egl or osmesa
@@ -29,10 +34,12 @@ out (they do not touch the dynamics); the rendering assets are our own. Each con
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from typing import Any
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 from gymnasium import spaces
 
@@ -125,10 +132,52 @@ def swimmer_xml(n_links: int) -> str:
 """
 
 
-def gl_error(error: BaseException) -> BiozooError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return BiozooError(f"rendering needs OpenGL, which failed here ({first}); set MUJOCO_GL=egl (GPU) or "
-                       "MUJOCO_GL=osmesa (CPU, needs libosmesa) before importing mujoco, or use render_mode=None")
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+_mujoco: Any = None
+_gl_failure: str | None = None  # why the MUJOCO_GL backend did not load, when mujoco fell back to no rendering
+_GL_OFF = ("disable", "disabled", "off", "false", "0")
+
+
+def load_mujoco() -> Any:
+    """The `mujoco` module, imported on first use. If the OpenGL backend that MUJOCO_GL names fails to load
+    (which fails `import mujoco` itself), import mujoco again with rendering disabled: physics works and
+    `render()` explains the failure. MUJOCO_GL then stays "disable" so worker processes import it the same way."""
+    global _mujoco, _gl_failure
+    if _mujoco is not None:
+        return _mujoco
+    backend = os.environ.get("MUJOCO_GL", "")
+    pyopengl_platform = os.environ.get("PYOPENGL_PLATFORM")
+    try:
+        import mujoco
+    except Exception as e:  # noqa: BLE001  (a broken GL library raises ImportError, OSError, AttributeError, ...)
+        if backend.strip().lower() in ("", *_GL_OFF):
+            raise
+        _gl_failure = f"MUJOCO_GL={backend} did not load ({first_line(e)})"
+        # forget the half-imported GL modules (the compiled physics modules stay loaded) and import without GL
+        for name in list(sys.modules):
+            if name in ("mujoco", "OpenGL") or name.startswith(("mujoco.rendering", "mujoco.osmesa", "mujoco.egl",
+                                                                "mujoco.glfw", "mujoco.cgl", "OpenGL.")):
+                del sys.modules[name]
+        os.environ["MUJOCO_GL"] = "disable"
+        if pyopengl_platform is None:  # mujoco's EGL / OSMesa modules set it for PyOpenGL
+            os.environ.pop("PYOPENGL_PLATFORM", None)
+        import mujoco
+        warnings.warn(f"biozoo: {_gl_failure}; MuJoCo physics works, rendering is off", RuntimeWarning, stacklevel=2)
+    _mujoco = mujoco
+    return mujoco
+
+
+def gl_error(error: BaseException | None = None) -> BiozooError:
+    """One line: why rendering failed and how to enable it."""
+    how = ("set MUJOCO_GL=egl (GPU, needs libEGL) or MUJOCO_GL=osmesa (CPU, needs libOSMesa, e.g. apt install "
+           "libosmesa6) before starting Python, or use render_mode=None")
+    if _gl_failure is not None:
+        return BiozooError(f"rendering is off: {_gl_failure}, so mujoco was imported without OpenGL; {how}")
+    return BiozooError(f"rendering needs OpenGL, which failed here ({first_line(error)}); {how}")
 
 
 class SwimmerEnv(gym.Env):
@@ -146,12 +195,13 @@ class SwimmerEnv(gym.Env):
             raise BiozooError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.n_links, self.n_joints, self.task = n_links, n_links - 1, task
         self.joint_limit = 2 * math.pi / n_links
+        mujoco = load_mujoco()
         self.model = mujoco.MjModel.from_xml_string(swimmer_xml(n_links))
         self.data = mujoco.MjData(self.model)
         self.n_substeps = round(CONTROL_DT / PHYSICS_DT)
         self.dt = CONTROL_DT
         self.render_mode, self.width, self.height = render_mode, width, height
-        self._renderer: mujoco.Renderer | None = None
+        self._renderer: Any = None
         obs_dim = self.n_joints + 3 * n_links
         self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
         self.action_space = spaces.Box(-1.0, 1.0, (self.n_joints,), np.float32)
@@ -179,6 +229,7 @@ class SwimmerEnv(gym.Env):
     # gymnasium API -------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
+        mujoco = load_mujoco()
         mujoco.mj_resetData(self.model, self.data)
         rng = self.np_random
         self.data.qpos[2] = rng.uniform(-math.pi, math.pi)
@@ -188,6 +239,7 @@ class SwimmerEnv(gym.Env):
 
     def step(self, action: np.ndarray):
         self.data.ctrl[:] = np.clip(action, -1.0, 1.0)
+        mujoco = load_mujoco()
         mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
         mujoco.mj_step1(self.model, self.data)  # sensors and positions of the new state
         reward = self._reward()
@@ -197,8 +249,10 @@ class SwimmerEnv(gym.Env):
         if self.render_mode is None:
             return None
         if self._renderer is None:
+            if _gl_failure is not None:
+                raise gl_error()
             try:
-                self._renderer = mujoco.Renderer(self.model, self.height, self.width)
+                self._renderer = load_mujoco().Renderer(self.model, self.height, self.width)
             except Exception as e:  # no display / no GL library: one clear line instead of a GL traceback
                 raise gl_error(e) from None
         self._renderer.update_scene(self.data, camera="tracking")

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -78,6 +81,51 @@ def test_render_or_one_line_gl_error():
         pytest.skip(f"no OpenGL here: {e}")
     assert frame.shape == (240, 320, 3) and frame.std() > 5
     env.close()
+
+
+GL_PROBE = """
+import json, sys
+import numpy as np
+import biozoo, biozoo.envs
+imported_early = "mujoco" in sys.modules  # registering biozoo/Swimmer-v0 must not import mujoco
+import gymnasium as gym
+from biozoo.models import BiozooError
+env = gym.make("biozoo/Swimmer-v0", n_links=3, render_mode="rgb_array")
+obs, _ = env.reset(seed=0)
+for t in range(30):
+    obs, *_ = env.step(np.array([np.sin(t / 5), np.cos(t / 5)], dtype=np.float32))
+try:
+    render = list(env.render().shape)
+except BiozooError as e:
+    render = str(e)
+print(json.dumps({"imported_early": imported_early, "obs": obs.tolist(), "render": render}))
+"""
+
+
+def test_import_and_physics_survive_a_missing_gl_backend():
+    """With MUJOCO_GL naming a backend whose library may be missing (say, no libOSMesa), biozoo still imports,
+    the physics is unchanged, and render() gives a frame or a one-line error naming the fix."""
+    procs = {}
+    for backend in ("egl", "osmesa"):  # side by side: each pays the full biozoo import
+        env = {**os.environ, "MUJOCO_GL": backend}
+        env.pop("PYOPENGL_PLATFORM", None)
+        procs[backend] = subprocess.Popen([sys.executable, "-c", GL_PROBE], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=env)
+    ref = SwimmerEnv(n_links=3)
+    obs, _ = ref.reset(seed=0)
+    for t in range(30):
+        obs, *_ = ref.step(np.array([np.sin(t / 5), np.cos(t / 5)], dtype=np.float32))
+    assert np.abs(obs).max() > 0.01
+    for backend, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"MUJOCO_GL={backend}: {stderr[-2000:]}"
+        out = json.loads(stdout.strip().splitlines()[-1])
+        assert out["imported_early"] is False
+        assert np.allclose(out["obs"], obs, atol=1e-8)
+        if isinstance(out["render"], str):
+            assert f"MUJOCO_GL={backend}" in out["render"] and "\n" not in out["render"]
+        else:
+            assert out["render"] == [240, 320, 3]
 
 
 # The circuit --------------------------------------------------------------------------------------------------------
@@ -240,6 +288,17 @@ def test_es_and_ppo_update_the_policy():
                      rollouts_per_epoch=1, ppo={"steps_per_env": 128, "minibatches": 2})
     assert ppo.model.obs_norm.count.item() == 256 and ppo.history[-1][0] == 256
     assert np.isfinite(ppo.history[-1][1])
+
+
+def test_ppo_anneals_a_fixed_std_and_the_learning_rate():
+    ppo = fit_policy("ncap", env_kwargs={"n_links": 3}, num_envs=2, total_env_steps=256, eval_episodes=1,
+                     rollouts_per_epoch=2, initial_eval=False, action_std=0.5, action_std_final=0.1,
+                     scheduler="cosine", lr=0.01, ppo={"steps_per_env": 64})
+    # the second (last) rollout starts at 128 of 256 steps: std = 0.5^(1/2) * 0.1^(1/2)
+    assert ppo.noise.log_std.exp().mean().item() == pytest.approx(math.sqrt(0.05), rel=1e-5)
+    assert ppo.optimizers()[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine to 0 in 2 rollouts
+    with pytest.raises(BiozooError, match="action_std_final"):
+        fit_policy("ncap", env_kwargs={"n_links": 3}, learn_std=True, action_std_final=0.1, total_env_steps=64)
 
 
 def test_rollout_plot(tmp_path):

@@ -121,8 +121,12 @@ def plot_learning_curves(series: dict[str, list[tuple[float, float]]], out: str 
         kind = name.split("/")[-1].removesuffix("_epoch")
         groups[kind].append(name)
     n = max(1, len(groups))
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False)
-    for ax, (kind, names) in zip(axes[0], sorted(groups.items())):
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (kind, names) in zip(axes.flat, sorted(groups.items())):
         for name in names:
             steps, values = zip(*series[name])
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=name.removesuffix("_epoch"))
@@ -162,7 +166,7 @@ class LearningCurvePlot(L.Callback):
                                                       title=type(pl_module.model).__name__
                                                       if hasattr(pl_module, "model") else "")
                 lines += [f"metrics: {metrics}", f"learning curve: {self.plot_path}"]
-        for key in ("val/acc", "val/loss"):
+        for key in ("val/acc", "val/return", "val/loss"):
             value = trainer.callback_metrics.get(key)
             if value is not None and math.isfinite(float(value)):
                 lines.append(f"final {key}: {float(value):.4f}")

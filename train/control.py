@@ -42,6 +42,7 @@ from torch.utils.data import TensorDataset
 
 import biozoo.envs  # noqa: F401  (registers biozoo/Swimmer-v0)
 from biozoo.envs import BiozooDataModule
+from biozoo.envs.swimmer import load_mujoco
 from biozoo.models.baselines import MLP
 from biozoo.models.errors import BiozooError
 from biozoo.models.ncap import GaussianHead, RunningNorm, transfer_to
@@ -53,11 +54,20 @@ JOINT_OFFSET = {"Swimmer-v4": 1, "Swimmer-v5": 1}  # gymnasium's swimmer observe
 
 # Environments ---------------------------------------------------------------------------------------------------
 
+def import_env_deps(env_id: str) -> None:
+    """gymnasium's MuJoCo envs import mujoco themselves; import it first through the swimmer's loader, which
+    falls back to physics without rendering when the MUJOCO_GL backend is missing (envs/swimmer.py)."""
+    spec = gym.registry.get(env_id)
+    if spec is not None and "mujoco" in str(spec.entry_point):
+        load_mujoco()
+
+
 def env_wrappers(time_feature: bool) -> list:
     return [lambda env: TimeAwareObservation(env, normalize_time=True)] if time_feature else []
 
 
 def make_env(env_id: str, time_feature: bool = True, **env_kwargs: Any) -> gym.Env:
+    import_env_deps(env_id)
     env = gym.make(env_id, **env_kwargs)
     for wrap in env_wrappers(time_feature):
         env = wrap(env)
@@ -67,6 +77,7 @@ def make_env(env_id: str, time_feature: bool = True, **env_kwargs: Any) -> gym.E
 def make_vec_env(env_id: str, num_envs: int, time_feature: bool = True, vectorization_mode: str = "sync",
                  **env_kwargs: Any) -> gym.vector.VectorEnv:
     """Vector envs with episode statistics in info["episode"] / info["_episode"] (gymnasium 1.x)."""
+    import_env_deps(env_id)
     envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=vectorization_mode,
                         wrappers=env_wrappers(time_feature), **env_kwargs)
     return RecordEpisodeStatistics(envs)
@@ -315,6 +326,7 @@ class ControlTask(BiozooTask):
         algorithm: "ppo" or "es"; `ppo` / `es` hold that algorithm's options (PPOConfig / ESConfig fields).
         total_env_steps: training stops after this many environment steps.
         action_std / learn_std: the Gaussian exploration noise of PPO (fixed 0.1 for NCAP, as in its code).
+        action_std_final: anneal a fixed std geometrically from action_std to this over total_env_steps.
         lr: the actor's (PPO) or the weights' (ES) Adam learning rate; the critic has `ppo.critic_lr`.
         weight_decay: PPO's decoupled (AdamW) decay of the policy weights; ES uses `es.weight_decay` (L2).
         scheduler / warmup_steps / min_lr_ratio: the actor's learning-rate schedule over the rollouts.
@@ -329,10 +341,14 @@ class ControlTask(BiozooTask):
                  es: dict[str, Any] | None = None, eval_episodes: int = 5, transfer_links: list[int] | None = None,
                  report: bool = True, video: bool = True, pretrained: bool | str = False,
                  checkpoint_path: str | None = None, lr: float = 3e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, scheduler: str = "constant", min_lr_ratio: float = 0.0):
+                 warmup_steps: int = 0, scheduler: str = "constant", min_lr_ratio: float = 0.0,
+                 action_std_final: float | None = None):
         super().__init__(lr, weight_decay, warmup_steps, scheduler, min_lr_ratio)
         if algorithm not in ("ppo", "es"):
             raise BiozooError(f"algorithm must be 'ppo' or 'es', got {algorithm!r}")
+        if action_std_final is not None and (learn_std or action_std_final <= 0):
+            raise BiozooError(f"action_std_final anneals a fixed std: needs learn_std=False and a value > 0, "
+                              f"got {action_std_final!r} with learn_std={learn_std}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = build_model(model, model_kwargs, data_dims, pretrained, checkpoint_path)
@@ -365,7 +381,8 @@ class ControlTask(BiozooTask):
         if hp.scheduler == "constant" and not hp.warmup_steps:
             return [actor_opt, critic_opt]
         total = math.ceil(hp.total_env_steps / (self.ppo_cfg.steps_per_env * self.datamodule.num_envs))
-        return [actor_opt, critic_opt], [cosine_with_warmup(actor_opt, hp.warmup_steps, total, hp.min_lr_ratio)]
+        floor = 1.0 if hp.scheduler == "constant" else hp.min_lr_ratio  # constant after the warmup
+        return [actor_opt, critic_opt], [cosine_with_warmup(actor_opt, hp.warmup_steps, total, floor)]
 
     @property
     def datamodule(self) -> EnvDataModule:
@@ -415,7 +432,7 @@ class ControlTask(BiozooTask):
     @one_thread()
     def collect(self) -> dict[str, torch.Tensor]:
         """One PPO rollout of steps_per_env steps from every env."""
-        T, N = self.ppo_cfg.steps_per_env, self.envs.num_envs
+        T = self.ppo_cfg.steps_per_env
         buf = {k: [] for k in ("obs", "actions", "logp", "values", "rewards", "terminated", "done", "valid")}
         episode_returns = []
         for _ in range(T):
@@ -451,7 +468,11 @@ class ControlTask(BiozooTask):
         return rewards / torch.sqrt(self.return_norm.var + 1e-8)
 
     def ppo_iteration(self) -> dict[str, float]:
-        cfg = self.ppo_cfg
+        cfg, hp = self.ppo_cfg, self.hparams
+        if hp.action_std_final is not None:
+            frac = min(1.0, self.env_steps / hp.total_env_steps)
+            log_std = (1 - frac) * math.log(hp.action_std) + frac * math.log(hp.action_std_final)
+            self.noise.log_std.data.fill_(log_std)
         self.model.train()
         data = self.collect()
         valid = data["valid"]
