@@ -528,7 +528,6 @@ class TickedModelBase(PretrainedMixin, nn.Module):
     def halting_certainty(self, predictions: torch.Tensor, certainty: torch.Tensor, halt_on: str) -> torch.Tensor:
         """(N,) certainty that adaptive compute compares with the threshold: the official one (`mean` over
         positions) or that of the least certain position (`min`)."""
-        check_choice("halt_on", halt_on, HALT_ON)
         if halt_on == "mean":
             return certainty[:, 1]
         return 1 - normalised_entropy(predictions, self.prediction_reshaper, reduce="max")
@@ -715,6 +714,7 @@ class ContinuousThoughtMachine(TickedModelBase):
         halt_threshold = self.halt_threshold if halt_threshold is None else halt_threshold
         min_ticks = self.min_ticks if min_ticks is None else min_ticks
         halt_on = self.halt_on if halt_on is None else halt_on
+        check_choice("halt_on", halt_on, HALT_ON)
         B, T, D = x.size(0), self.iterations, self.d_model
         S_out = self.synch_representation_size_out
         halting = halt_threshold is not None

@@ -18,7 +18,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -49,11 +48,8 @@ class RunCheckpoint(ModelCheckpoint):
     # Lightning only refreshes last.ckpt when a top-k checkpoint was written at the same step, so a run whose
     # monitored metric stops improving would resume from a stale state. We refresh it after every save point.
     def _refresh_last(self, trainer: L.Trainer) -> None:
-        if not self.save_last or bool(trainer.fast_dev_run) or trainer.sanity_checking:
-            return
-        if trainer.state.fn != TrainerFn.FITTING or self._last_global_step_saved == trainer.global_step:
-            return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -136,8 +136,7 @@ def adaptive_compute_table(model: torch.nn.Module, batches: Any, thresholds: Seq
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         for threshold in stats:
-            halting = {"halt_threshold": threshold, "min_ticks": min_ticks} | ({"halt_on": halt_on} if halt_on else {})
-            out = model(x, **halting)
+            out = model(x, halt_threshold=threshold, min_ticks=min_ticks, halt_on=halt_on)
             correct, total = accuracy_at_certain_tick(out, y)
             ticks = out.ticks.float().sum().item() if out.ticks is not None else out.predictions.size(-1) * len(x)
             s = stats[threshold]
