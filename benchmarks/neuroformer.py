@@ -11,8 +11,10 @@ generation seeds:
   (coupling + history + linear frame filter + behaviour) fit on the training split; target: NF > GLM;
 - rate r: each test trial generated from its own past, per-neuron PSTH in --psth-bin bins, Pearson r vs the
   real PSTH averaged over neurons (target >= 0.8), with the GLM and a real-vs-real split-half ceiling;
-- connectivity AUROC from attention vs the ground-truth adjacency (target >= 0.9), with two references read
-  from the training spikes directly: the GLM's coupling weights and the one-bin cross-correlogram;
+- connectivity AUROC from attention vs the ground-truth adjacency (target >= 0.9), next to the same readout with
+  equal attention weights (no model: the co-occurrence every model inherits, what an untrained one scores) and
+  two references read from the training spikes directly: the GLM's coupling weights and the one-bin
+  cross-correlogram;
 - behaviour (with --finetuned): Pearson r / R^2 of each fine-tuned checkpoint vs ridge on the spike counts of
   the same few-shot windows (the fine-tune config's subset for that checkpoint's data seed).
 Writes metrics.json and raster.png under --out.
@@ -50,6 +52,8 @@ def main() -> None:
     parser.add_argument("--finetuned", nargs="*", default=[])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--windows", type=int, default=1000, help="test windows for the next-ID scores")
+    parser.add_argument("--connectivity-windows", type=int, default=0,
+                        help="test windows read for the attention connectivity (0: all of them)")
     parser.add_argument("--trials", type=int, default=24, help="test trials generated for the rates")
     parser.add_argument("--psth-bin", type=float, default=0.25)
     parser.add_argument("--out", default="runs/neuroformer_eval")
@@ -99,8 +103,10 @@ def main() -> None:
     if data.adjacency is not None:
         conn = {}
         for layers in ("history", "decoder"):
-            score = attention_connectivity(model, test, max_windows=args.windows * 2, layers=layers)
-            conn[layers] = connectivity_auroc(score, data.adjacency)
+            for uniform in (False, True):  # the model's attention; equal weights (what any model inherits)
+                score = attention_connectivity(model, test, max_windows=args.connectivity_windows or None, layers=layers,
+                                               uniform=uniform)
+                conn[layers + ("_uniform_attention" if uniform else "")] = connectivity_auroc(score, data.adjacency)
         # references from the spikes themselves (not from Neuroformer): what the data allow
         conn["glm_coupling"] = connectivity_auroc(glm.coupling(), data.adjacency)
         lift = lagged_lift(data, *dm.splits["train"], tok.resolution)

@@ -33,8 +33,9 @@ spikes join the past, so later windows see the model's own generated past (offic
 keys and values once per window, and keeps each self-attention layer's keys and values, so each token costs one
 position per layer (`decode_step` -> `Block.step`); `use_cache=False` re-runs the whole model, context included,
 per token as the official code does. Both give the same logits, hence the same tokens for the same generator.
-At batch 1 a cached token is a chain of matrix-vector products: its cost is reading every weight once (37 MB at
-the official size), which bounds its speed-up over recomputing (matrix-matrix products on the prefix) on a CPU.
+At batch 1 a cached token is a chain of matrix-vector products that read every weight once (37 MB at the official
+size), which bounds its speed-up over recomputing (matrix-matrix products on the prefix) on a CPU; generating many
+trials as batch rows shares each weight read among them.
 
 Differences from the official code (all deliberate, each a documented bug or a missing piece there):
 - Frame patches get a learned position embedding (`frame_pos_emb`); the official code computes a 3-D sincos
@@ -336,17 +337,20 @@ class Neuroformer(PretrainedMixin, nn.Module):
         return ctx
 
     def context_kv(self, ctx: dict[str, Any],
-                   additive: bool = False) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
-        """(block, projected keys/values, mask) for every cross-attention layer, computed once per window; with
-        `additive` the past's PAD mask is a bias (0 or -inf), as `Block.step` takes it."""
+                   for_step: bool = False) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
+        """(block, projected keys/values, mask) for every cross-attention layer, computed once per window. With
+        `for_step` (the form `Block.step` takes) the past's PAD mask is a bias (0 or -inf) and the keys/values are
+        made contiguous once here, since each token's attention would otherwise copy the strided head views."""
         mask = ctx["prev_mask"]
-        if additive:
+        if for_step:
             mask = torch.zeros(mask.shape, dtype=ctx["prev"].dtype, device=mask.device).masked_fill(~mask, -math.inf)
         layers = [(blk, blk.attn.kv(ctx["prev"]), mask) for blk in self.history_blocks]
         if "frames" in ctx:
             layers += [(blk, blk.attn.kv(ctx["frames"]), None) for blk in self.stimulus_blocks]
         if "behaviour" in ctx:
             layers += [(blk, blk.attn.kv(ctx["behaviour"]), None) for blk in self.behaviour_blocks]
+        if for_step:
+            layers = [(blk, (k.contiguous(), v.contiguous()), m) for blk, (k, v), m in layers]
         return layers
 
     def new_caches(self, batch: int, length: int) -> list[KVCache]:
@@ -356,7 +360,7 @@ class Neuroformer(PretrainedMixin, nn.Module):
     def decode_step(self, ids: torch.Tensor, dts: torch.Tensor, offset: int, cross: list,
                     caches: list[KVCache]) -> torch.Tensor:
         """The last hidden state (B, d) for one new token at `offset`, reading earlier tokens from `caches`
-        (`new_caches`) and the window's context from `cross` (`context_kv(..., additive=True)`): one position per
+        (`new_caches`) and the window's context from `cross` (`context_kv(..., for_step=True)`): one position per
         layer, the generation path of `use_cache=True`."""
         x = self.embed(ids, dts, offset)
         n_enc = len(self.state_encoder)
@@ -463,7 +467,7 @@ class Neuroformer(PretrainedMixin, nn.Module):
             dts = torch.zeros((b, 1), dtype=torch.long, device=device)
             done = torch.zeros(b, dtype=torch.bool, device=device)
             if use_cache:  # the context's keys/values once per window; per token, one position per layer
-                cross = self.context_kv(self.encode_context(inputs), additive=True)
+                cross = self.context_kv(self.encode_context(inputs), for_step=True)
                 caches = self.new_caches(b, max_tokens)
             for t in range(max_tokens):
                 if use_cache:

@@ -183,7 +183,7 @@ def test_cached_step_logits_equal_the_full_forward(small_dm):
     model = tiny_model(small_dm)
     batch = collate_windows([small_dm.train_set[i] for i in range(4)], model.pad)
     full = model(batch)["hidden"]
-    ctx = model.context_kv(model.encode_context(batch), additive=True)
+    ctx = model.context_kv(model.encode_context(batch), for_step=True)
     caches = model.new_caches(4, batch["id"].shape[1])
     steps = [model.decode_step(batch["id"][:, t:t + 1], batch["dt"][:, t:t + 1], t, ctx, caches)
              for t in range(batch["id"].shape[1])]
@@ -260,6 +260,15 @@ def test_attention_connectivity_scores(small_dm):
     score = attention_connectivity(model, small_dm.test_set, max_windows=16)
     assert score.shape == (20, 20) and np.isfinite(score).all()
     assert connectivity_auroc(small_dm.data.adjacency, small_dm.data.adjacency) == 1.0
+    # zero queries make every attention row uniform over its allowed keys: the model-free readout
+    with torch.no_grad():
+        for blk in [*model.history_blocks, *model.decoder]:
+            blk.attn.query.weight.zero_()
+            blk.attn.query.bias.zero_()
+    for layers in ("history", "decoder"):
+        flat = attention_connectivity(model, small_dm.test_set, max_windows=16, layers=layers)
+        uniform = attention_connectivity(model, small_dm.test_set, max_windows=16, layers=layers, uniform=True)
+        assert np.allclose(flat, uniform, atol=1e-6) and not np.allclose(uniform, score)
 
 
 # CLI -----------------------------------------------------------------------------------------------------------

@@ -291,11 +291,16 @@ def real_trials(data: Any, starts: list[float], duration: float) -> list[tuple[n
 
 @torch.no_grad()
 def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int = 64,
-                           max_windows: int | None = None, layers: str = "history") -> np.ndarray:
+                           max_windows: int | None = None, layers: str = "history", uniform: bool = False) -> np.ndarray:
     """(n_neurons, n_neurons) score for j -> i (source row j, target column i): the attention that queries
     predicting neuron i pay to past tokens of neuron j ('history': the cross-attention to the past window;
     'decoder': the causal self-attention over the current window), averaged over heads, layers and windows,
-    divided by the average attention that tokens of j receive."""
+    divided by the average attention that tokens of j receive.
+
+    `uniform=True` replaces the attention by equal weights on every key the layer may attend to: the same readout
+    with no model in it (what an untrained model gives), i.e. how often j's tokens precede i's. Attention at a
+    query is computed before the next neuron is known, so this co-occurrence is the part of the score that any
+    model inherits from the data; the model's contribution is the difference."""
     model.eval()
     n = model.n_neurons
     blocks = list(model.history_blocks) if layers == "history" else list(model.decoder)
@@ -304,9 +309,15 @@ def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int
     with record_attention(blocks):
         for s in range(0, len(idx), batch_size):
             batch = _stack([dataset[int(i)] for i in idx[s:s + batch_size]], model.pad)
-            model(batch)
             keys = batch["id_prev"] if layers == "history" else batch["id"]
-            att = torch.stack([blk.attn.attention.mean(1) for blk in blocks]).mean(0).double()  # (B, T, S)
+            if uniform:
+                t = batch["id"].shape[1]
+                allowed = ((keys != model.pad)[:, None, :].expand(-1, t, -1) if layers == "history"
+                           else model.causal[:t, :t].expand(len(keys), -1, -1)).double()
+                att = allowed / allowed.sum(-1, keepdim=True)
+            else:
+                model(batch)
+                att = torch.stack([blk.attn.attention.mean(1) for blk in blocks]).mean(0).double()  # (B, T, S)
             q = F.one_hot(batch["id_target"], n + 3).double()  # (B, T, V)
             k = F.one_hot(keys, n + 3).double()  # (B, S, V)
             total += torch.einsum("bti,bts,bsj->ij", q, att, k)
