@@ -14,9 +14,10 @@ floor under a cached token as PyTorch's CPU kernels run them, so recompute time 
 of a cache built on them. At batch 1 they are matrix-vector products bound by reading the weights from memory (on
 the 2-core EPYC dev machine they move 7-15 GB/s of weights, where a plain streaming sum reaches 23-28 GB/s).
 
-With --official (a folder holding the official repository's neuroformer/ modules; einops must be importable,
-timm is stubbed since its ViT is unused by default), the official model of the same size is built and timed
-as its generate_spikes runs it: a forward over the full padded 100-token block for each of the 99 tokens.
+With --official (a folder holding the official repository's neuroformer/ modules; einops, pandas, tqdm and
+matplotlib must be importable, timm is stubbed since its ViT is unused by default), the official model of the same
+size is built and its own simulation.generate_spikes is timed on 3 windows (a forward over the full padded
+100-token block per token, with its losses and scores, until EOS).
 Otherwise the anchor measured on this kind of machine is used: 7.4 s per window = 13 tokens/s with 2 threads.
 """
 
@@ -92,15 +93,36 @@ def matvec_floor_s(model: Neuroformer, rows: int = 1, reps: int = 20) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def official_tokens_per_s(folder: str, n_neurons: int = 100, windows: int = 1) -> tuple[float, float, int]:
-    """Build the official Neuroformer (uni-modal, n_embd 256, 4 layers per stage, past 300) and time one
-    window as official generate_spikes does: 99 full forwards of the padded 100-token block."""
+class _OfficialWindows(torch.utils.data.Dataset):
+    """Windows in the (x, y) form the official generate_spikes reads: a random 300-token past, SOS then PAD."""
+
+    def __init__(self, n_windows: int, n_neurons: int):
+        self.n_windows, self.n_neurons = n_windows, n_neurons
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        g, n = torch.Generator().manual_seed(i), self.n_neurons
+        ids = torch.full((100,), n + 2)
+        ids[0] = n
+        x = {"id_prev": torch.randint(0, n, (300,), generator=g), "dt_prev": torch.randint(0, 6, (300,), generator=g),
+             "pad_prev": torch.tensor(0), "id": ids, "dt": torch.zeros(100, dtype=torch.long), "pad": torch.tensor(0),
+             "trial": torch.tensor(0.0), "interval": torch.tensor(0.05 * (i + 1))}
+        return x, {"id": torch.randint(0, n, (100,), generator=g), "dt": torch.randint(0, 6, (100,), generator=g)}
+
+
+def official_tokens_per_s(folder: str, n_neurons: int = 100, windows: int = 3) -> tuple[float, float, int]:
+    """Build the official Neuroformer (uni-modal, n_embd 256, 4 layers per stage, past 300) and time its own
+    `simulation.generate_spikes` (top-p 0.95, true past) on `windows` windows: a forward over the full padded
+    100-token block per token, with its losses and scores, until EOS. Tokens = forward calls."""
     sys.path.insert(0, folder)
     if "timm" not in sys.modules:  # imported at the top of the official model file, unused by default
         stub = types.ModuleType("timm")
         stub.__spec__ = importlib.machinery.ModuleSpec("timm", None)
         sys.modules["timm"] = stub
     from model_neuroformer import Neuroformer as Official  # noqa: E402
+    from simulation import generate_spikes  # noqa: E402
 
     ns = lambda **kw: SimpleNamespace(**kw)  # noqa: E731
     config = ns(n_embd=256, n_head=8, pos_emb=True, temp_emb=True, wave_emb=True, class_weights=None,
@@ -112,20 +134,22 @@ def official_tokens_per_s(folder: str, n_neurons: int = 100, windows: int = 1) -
     stoi_id = {**{i: i for i in range(n_neurons)}, "SOS": n_neurons, "EOS": n_neurons + 1, "PAD": n_neurons + 2}
     dt_values = [round(0.01 * i, 2) for i in range(6)]
     stoi_dt = {**{v: i for i, v in enumerate(dt_values)}, "SOS": 6, "EOS": 7, "PAD": 8}
-    tokenizer = SimpleNamespace(ID_vocab_size=len(stoi_id), dt_vocab_size=len(stoi_dt), stoi={"ID": stoi_id, "dt": stoi_dt})
+    itos = {"ID": {v: k for k, v in stoi_id.items()}, "dt": {v: k for k, v in stoi_dt.items()}}
+    tokenizer = SimpleNamespace(ID_vocab_size=len(stoi_id), dt_vocab_size=len(stoi_dt),
+                                stoi={"ID": stoi_id, "dt": stoi_dt}, itos=itos)
     model = Official(config, tokenizer).eval()
-    g = torch.Generator().manual_seed(0)
-    x = {"id_prev": torch.randint(0, n_neurons, (1, 300), generator=g), "dt_prev": torch.randint(0, 6, (1, 300), generator=g).float(),
-         "id": torch.full((1, 100), n_neurons + 2), "dt": torch.zeros(1, 100), "pad": torch.tensor([0])}
-    x["id"][0, 0] = n_neurons
+    calls, forward = [0], model.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    torch.manual_seed(0)
     start, cpu = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        for _ in range(windows):
-            for i in range(99):
-                logits = model(x)[0]
-                x["id"][0, i + 1] = torch.multinomial(logits["id"][0, i].softmax(-1), 1, generator=g)[0]
-                x["dt"][0, i + 1] = torch.multinomial(logits["dt"][0, i].softmax(-1), 1, generator=g)[0].float()
-    n = 99 * windows
+    generate_spikes(model, _OfficialWindows(windows, n_neurons), 0.05, 0.05, tokenizer, sample=True, top_p=0.95,
+                    top_p_t=0.95, true_past=True, p_bar=True)
+    n = calls[0]
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu), sum(p.numel() for p in model.parameters())
 
 
@@ -144,9 +168,9 @@ def main() -> None:
                                     n_behaviour=1),
     }
     if args.official:
-        baseline, baseline_cpu, n_params = official_tokens_per_s(args.official, windows=1)
-        print(f"official code (same size, {n_params / 1e6:.2f}M params, batch 1 as its generate_spikes), measured "
-              f"now: {baseline:.1f} tokens/s ({baseline_cpu:.1f} per CPU-s, {99 / baseline:.1f} s per window)")
+        baseline, baseline_cpu, n_params = official_tokens_per_s(args.official)
+        print(f"official code (same size, {n_params / 1e6:.2f}M params), its generate_spikes (batch 1) measured now: "
+              f"{baseline:.1f} tokens/s ({baseline_cpu:.1f} per CPU-s, {99 / baseline:.1f} s per 99-token window)")
     else:
         baseline = baseline_cpu = ANCHOR_TOKENS_PER_S
         print(f"official code not given (--official): anchor {ANCHOR_TOKENS_PER_S} tokens/s (official, 2 threads, "
