@@ -104,8 +104,8 @@ def main() -> None:
         conn = {}
         for layers in ("history", "decoder"):
             for uniform in (False, True):  # the model's attention; equal weights (what any model inherits)
-                score = attention_connectivity(model, test, max_windows=args.connectivity_windows or None, layers=layers,
-                                               uniform=uniform)
+                score = attention_connectivity(model, test, max_windows=args.connectivity_windows or None,
+                                               layers=layers, uniform=uniform)
                 conn[layers + ("_uniform_attention" if uniform else "")] = connectivity_auroc(score, data.adjacency)
         # references from the spikes themselves (not from Neuroformer): what the data allow
         conn["glm_coupling"] = connectivity_auroc(glm.coupling(), data.adjacency)

@@ -1,6 +1,7 @@
 """Neuroformer generation throughput: KV cache vs re-running the model for every token, same outputs.
 
-    python benchmarks/neuroformer_speed.py [--threads 2] [--windows 2] [--batch 1 16] [--official /tmp/nf_official/neuroformer]
+    python benchmarks/neuroformer_speed.py [--threads 2] [--windows 2] [--batch 1 16]
+        [--official <official checkout>/neuroformer]
 
 At the official model's size (n_embd 256, 8 heads, 4 layers per stage, a 300-token past, 100-token windows:
 `neuroformer_official`, about 9.7M parameters) and at the shipped sim100 size, one batch row generates
@@ -149,8 +150,8 @@ def official_tokens_per_s(folder: str, n_neurons: int = 100, windows: int = 3) -
     start, cpu = time.perf_counter(), time.process_time()
     generate_spikes(model, _OfficialWindows(windows, n_neurons), 0.05, 0.05, tokenizer, sample=True, top_p=0.95,
                     top_p_t=0.95, true_past=True, p_bar=True)
-    n = calls[0]
-    return n / (time.perf_counter() - start), n / (time.process_time() - cpu), sum(p.numel() for p in model.parameters())
+    n, n_params = calls[0], sum(p.numel() for p in model.parameters())
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu), n_params
 
 
 def main() -> None:

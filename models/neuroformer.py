@@ -336,8 +336,8 @@ class Neuroformer(PretrainedMixin, nn.Module):
             ctx["behaviour"] = self.drop(emb.flatten(1, 2))
         return ctx
 
-    def context_kv(self, ctx: dict[str, Any],
-                   for_step: bool = False) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
+    def context_kv(self, ctx: dict[str, Any], for_step: bool = False
+                   ) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
         """(block, projected keys/values, mask) for every cross-attention layer, computed once per window. With
         `for_step` (the form `Block.step` takes) the past's PAD mask is a bias (0 or -inf) and the keys/values are
         made contiguous once here, since each token's attention would otherwise copy the strided head views."""

@@ -291,7 +291,8 @@ def real_trials(data: Any, starts: list[float], duration: float) -> list[tuple[n
 
 @torch.no_grad()
 def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int = 64,
-                           max_windows: int | None = None, layers: str = "history", uniform: bool = False) -> np.ndarray:
+                           max_windows: int | None = None, layers: str = "history",
+                           uniform: bool = False) -> np.ndarray:
     """(n_neurons, n_neurons) score for j -> i (source row j, target column i): the attention that queries
     predicting neuron i pay to past tokens of neuron j ('history': the cross-attention to the past window;
     'decoder': the causal self-attention over the current window), averaged over heads, layers and windows,
