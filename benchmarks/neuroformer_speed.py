@@ -81,7 +81,8 @@ def per_token_weights(model: Neuroformer) -> list[torch.Tensor]:
 
 def matvec_floor_s(model: Neuroformer, rows: int = 1, reps: int = 20) -> float:
     """Seconds per token of the per-token matrix products alone (no attention, norms or sampling): a lower
-    bound on a cached token's cost. At batch 1 it is the time to read those weights from memory."""
+    bound on a cached token's cost. At batch 1 these are matrix-vector products, limited by reading the weights
+    from memory."""
     weights = per_token_weights(model)
     inputs = {w.shape[1]: torch.randn(rows, 1, w.shape[1]) for w in weights}
     with torch.no_grad():

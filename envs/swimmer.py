@@ -43,6 +43,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from biozoo.models._hub import first_line
 from biozoo.models.errors import BiozooError
 
 PHYSICS_DT = 0.002
@@ -132,11 +133,6 @@ def swimmer_xml(n_links: int) -> str:
 """
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 _mujoco: Any = None
 _gl_failure: str | None = None  # why the MUJOCO_GL backend did not load, when mujoco fell back to no rendering
 _GL_OFF = ("disable", "disabled", "off", "false", "0")
@@ -156,7 +152,7 @@ def load_mujoco() -> Any:
     except Exception as e:  # noqa: BLE001  (a broken GL library raises ImportError, OSError, AttributeError, ...)
         if backend.strip().lower() in ("", *_GL_OFF):
             raise
-        _gl_failure = f"MUJOCO_GL={backend} did not load ({first_line(e)})"
+        _gl_failure = f"MUJOCO_GL={backend} did not load ({first_line(e, with_type=True)})"
         # forget the half-imported GL modules (the compiled physics modules stay loaded) and import without GL
         for name in list(sys.modules):
             if name in ("mujoco", "OpenGL") or name.startswith(("mujoco.rendering", "mujoco.osmesa", "mujoco.egl",
@@ -177,7 +173,7 @@ def gl_error(error: BaseException | None = None) -> BiozooError:
            "libosmesa6) before starting Python, or use render_mode=None")
     if _gl_failure is not None:
         return BiozooError(f"rendering is off: {_gl_failure}, so mujoco was imported without OpenGL; {how}")
-    return BiozooError(f"rendering needs OpenGL, which failed here ({first_line(error)}); {how}")
+    return BiozooError(f"rendering needs OpenGL, which failed here ({first_line(error, with_type=True)}); {how}")
 
 
 class SwimmerEnv(gym.Env):

@@ -104,9 +104,12 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(e)}") from None
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException, with_type: bool = False) -> str:
+    """The first line of an error's message (its type name if it has none), optionally after the type name."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if with_type else text.splitlines()[0]
 
 
 def _names(keys: Iterable[str], limit: int = 5) -> str:
