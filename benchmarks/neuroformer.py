@@ -1,7 +1,7 @@
 """Neuroformer on the simulated 100-neuron hub network: the targets of issue 8.
 
     python benchmarks/neuroformer.py --checkpoint models/weights/neuroformer.sim100 [--seeds 0 1 2]
-        [--finetuned runs/nf_ft_s0/checkpoints/last.ckpt ...] [--out runs/neuroformer_eval]
+        [--finetuned runs/nf_ft_s0/version_0/checkpoints/last.ckpt ...] [--out runs/neuroformer_eval]
 
 Data: the config's DataModule (default configs/neuroformer/sim100.yaml: simulate(100, 1200 s, seed 0), split by
 whole 10 s trials into 70/10/20 % train/val/test). On the held-out test split it reports, mean +- std over

@@ -13,67 +13,104 @@ set BIOZOO_DEBUG=1 for the full traceback.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
-import lightning as L
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
 from biozoo.models.errors import BiozooError
-from biozoo.train.callbacks import ExceptionCheckpoint, LearningCurvePlot, RunCheckpoint
-
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "default_root_dir": "runs/default",
-    "logger": {"class_path": "biozoo.train.CSVLogger"},
-}
 
 
-class BiozooCLI(LightningCLI):
-    """LightningCLI with biozoo's defaults: any task (`model:`) and DataModule (`data:`) by class_path, the
-    data's dimensions linked into the task, CSV logging and checkpoints under `trainer.default_root_dir`."""
+USAGE = """usage: biozoo COMMAND [ARGS]
 
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
-        import biozoo.envs  # noqa: F401  (makes the DataModules and tasks resolvable by short name)
-        import biozoo.train  # noqa: F401
+commands:
+  fit | validate | test | predict   train or evaluate (LightningCLI), e.g. biozoo fit -c configs/quickstart.yaml
+  list [PATTERN]                    models, pretrained tags, tasks, data, losses, checkpoint formats, environments
+  export RUN_CKPT OUT_DIR           a Lightning .ckpt -> config.json + model.safetensors
+  convert FORMAT SRC OUT_DIR        a foreign checkpoint (e.g. an official CTM one) -> the same format
 
-        super().__init__(
-            model_class=L.LightningModule, datamodule_class=L.LightningDataModule,
-            subclass_mode_model=True, subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False, "prog": "biozoo"},
-            args=args, run=run, **kwargs)
+Help on one command: biozoo fit --help, biozoo convert --help, ...
+Errors print one line; BIOZOO_DEBUG=1 (or --debug) shows the traceback."""
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # callbacks every run has, each configurable: --checkpoint.monitor val/acc --checkpoint.mode max ...
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ExceptionCheckpoint, "exception_checkpoint")
-        parser.add_lightning_class_args(LearningCurvePlot, "curve")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.link_arguments("data.dims", "model.init_args.data_dims", apply_on="instantiate")
+CATALOG_PACKAGES = ("biozoo.envs", "biozoo.train")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        root = config.trainer.default_root_dir
-        loggers = config.trainer.logger
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            init = getattr(logger, "init_args", None)
-            if init is not None and "save_dir" in init and init.save_dir in (None, "."):
-                init.save_dir = root
+
+def _package_sources(package: str) -> list[Path]:
+    spec = importlib.util.find_spec(package)  # finds the folder without running the package's __init__
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.py"))
+
+
+def _base_name(node: ast.expr) -> str:
+    if isinstance(node, ast.Subscript):  # Generic[T]
+        node = node.value
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def static_catalog(packages: tuple[str, ...] = CATALOG_PACKAGES) -> dict[str, list[str]]:
+    """Tasks, DataModules and losses, read from the packages' source with `ast` (nothing is imported).
+
+    Rules: a module-level class is a task if it subclasses BiozooTask, and a DataModule if it subclasses
+    BiozooDataModule, directly or through other module-level classes of these packages (bases matched by bare name,
+    the same module's class first); the base classes themselves are left out, and so is every DataModule that
+    neither it nor any of those in-package ancestors defines `dims` for (abstract bases, as at runtime, where such a
+    class's `dims` is BiozooDataModule's). Losses: the string literal passed to `register_loss(...)` anywhere.
+    Entries read "module.Class", as `c.__module__ + "." + c.__name__` gives at runtime."""
+    classes: dict[str, dict[str, Any]] = {}  # "module.Class" -> bases, defines dims
+    by_name: dict[str, list[str]] = {}
+    losses: set[str] = set()
+    for package in packages:
+        for path in _package_sources(package):
+            module = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            for node in tree.body:
+                if isinstance(node, ast.ClassDef):
+                    dims = any(isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == "dims"
+                               or isinstance(item, ast.Assign) and any(getattr(t, "id", "") == "dims" for t in item.targets)
+                               or isinstance(item, ast.AnnAssign) and getattr(item.target, "id", "") == "dims"
+                               for item in node.body)
+                    key = f"{module}.{node.name}"
+                    classes[key] = {"module": module, "bases": [_base_name(b) for b in node.bases], "dims": dims}
+                    by_name.setdefault(node.name, []).append(key)
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Call) and _base_name(node.func) == "register_loss" and node.args
+                        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                    losses.add(node.args[0].value)
+
+    def resolve(name: str, module: str) -> str | None:
+        keys = by_name.get(name, [])
+        return f"{module}.{name}" if f"{module}.{name}" in keys else (keys[0] if keys else None)
+
+    def ancestors(key: str, seen: set[str]) -> set[str]:
+        for base in classes[key]["bases"]:
+            parent = resolve(base, classes[key]["module"])
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                ancestors(parent, seen)
+        return seen
+
+    lineage = {key: ancestors(key, set()) for key in classes}
+
+    def subclasses(root: str) -> list[tuple[str, set[str]]]:
+        return [(key, up) for key, up in lineage.items() if any(k.rsplit(".", 1)[1] == root for k in up)]
+
+    tasks = sorted(key for key, _ in subclasses("BiozooTask"))
+    data = sorted(key for key, up in subclasses("BiozooDataModule")
+                  if classes[key]["dims"] or any(classes[k]["dims"] for k in up if not k.endswith(".BiozooDataModule")))
+    return {"tasks": tasks, "data": data, "losses": sorted(losses)}
 
 
 def _list(argv: list[str]) -> int:
+    """Everything from biozoo.models, a static read of the harness's source and gymnasium's registry: no Lightning."""
     from rich.console import Console
     from rich.table import Table
 
     import biozoo
-    from biozoo.envs import BiozooDataModule
     from biozoo.models import list_checkpoint_formats
-    from biozoo.train import BiozooTask, list_losses
 
     parser = argparse.ArgumentParser(prog="biozoo list", description="List models, pretrained tags and tasks.")
     parser.add_argument("pattern", nargs="?", default=None, help="glob over model names, e.g. 'ctm*'")
@@ -89,29 +126,16 @@ def _list(argv: list[str]) -> int:
         table.add_row(name, "\n".join(tags))
     console.print(table)
 
-    def subclasses(cls):
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from subclasses(sub)
-
     if args.pattern is None:
-        data = sorted({f"{c.__module__}.{c.__name__}" for c in subclasses(BiozooDataModule)
-                       if c.dims is not BiozooDataModule.dims})  # skip abstract bases
-        tasks = sorted({f"{c.__module__}.{c.__name__}" for c in subclasses(BiozooTask)})
-        console.print("[bold]tasks[/bold] (model.class_path): " + ", ".join(tasks))
-        console.print("[bold]data[/bold] (data.class_path): " + ", ".join(data))
-        console.print("[bold]losses[/bold]: " + ", ".join(list_losses()))
+        import gymnasium as gym  # biozoo's ids are registered by `import biozoo`
+
+        catalog = static_catalog()
+        console.print("[bold]tasks[/bold] (model.class_path): " + ", ".join(catalog["tasks"]))
+        console.print("[bold]data[/bold] (data.class_path): " + ", ".join(catalog["data"]))
+        console.print("[bold]losses[/bold]: " + ", ".join(catalog["losses"]))
         console.print("[bold]checkpoint formats[/bold] (biozoo convert): " + (", ".join(list_checkpoint_formats()) or "none"))
-        try:
-            import gymnasium as gym
-
-            import biozoo.envs  # noqa: F401  (registers the environments)
-
-            envs = sorted(k for k in gym.registry if k.startswith("biozoo/"))
-            if envs:
-                console.print("[bold]environments[/bold]: " + ", ".join(envs))
-        except ImportError:
-            pass
+        envs = sorted(k for k in gym.registry if k.startswith("biozoo/"))
+        console.print("[bold]environments[/bold] (gymnasium.make): " + (", ".join(envs) or "none"))
     return 0
 
 
@@ -157,26 +181,55 @@ def _one_line(error: BaseException) -> str:
     if problem:
         key, class_path, reason = problem.groups()
         return f"{key} ({class_path}): {reason.strip()}"
+    union = re.search(r"Does not validate against any of the Union subtypes.*?Errors: - (.+?)(?: - Expected a |$)", text)
+    if union:  # the first subtype's error is the real cause; the others only say "not None", "not a str", ...
+        return union.group(1).strip()
     return text
 
 
+def _is_user_error(error: BaseException) -> bool:
+    """BiozooError or a jsonargparse ArgumentError (checked by name, so the light commands never import it)."""
+    argument_error = getattr(sys.modules.get("jsonargparse"), "ArgumentError", None)
+    if isinstance(error, BiozooError) or (argument_error is not None and isinstance(error, argument_error)):
+        return True
+    return "Does not validate against any of the Union subtypes" in str(error)
+
+
 def main(argv: list[str] | None = None) -> None:
-    words = sys.argv[1:] if argv is None else argv
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words or bool(os.environ.get("BIOZOO_DEBUG"))
+    words = [w for w in words if w != "--debug"]
+    if not words or words[0] in ("-h", "--help"):  # answered here: LightningCLI's own help imports all of Lightning
+        print(USAGE, file=sys.stdout if words else sys.stderr)
+        sys.exit(0 if words else 2)
     try:
         if words and words[0] in COMMANDS:
             sys.exit(COMMANDS[words[0]](words[1:]))
-        BiozooCLI(args=argv)
-    except (BiozooError, ArgumentError) as e:
-        if os.environ.get("BIOZOO_DEBUG"):
+        from biozoo.train.cli import BiozooCLI
+
+        if argv is None:  # as typed (Lightning relaunches sys.argv for DDP), without our own --debug
+            sys.argv[1:] = words
+            if debug:
+                os.environ["BIOZOO_DEBUG"] = "1"
+        BiozooCLI(args=None if argv is None else words)
+    except Exception as e:
+        if debug:
             raise
-        print(f"biozoo: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # anything else still gets one line, with the way to see more
-        if os.environ.get("BIOZOO_DEBUG"):
-            raise
+        if _is_user_error(e):
+            print(f"biozoo: error: {_one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+        # anything else still gets one line, with the way to see more
         print(f"biozoo: error: {type(e).__name__}: {' '.join(str(e).split())[:500]} "
-              "(set BIOZOO_DEBUG=1 for the traceback)", file=sys.stderr)
+              "(set BIOZOO_DEBUG=1 or add --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BiozooCLI":  # the LightningCLI subclass lives with the harness; imported on demand
+        from biozoo.train.cli import BiozooCLI
+
+        return BiozooCLI
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ named by MUJOCO_GL at import time, so a missing libEGL / libOSMesa breaks `impor
 no GL, so mujoco is then imported with rendering disabled (one warning) and only `render()` fails, with a
 one-line error saying how to enable it.
 
-    import gymnasium as gym, biozoo.envs
+    import gymnasium as gym, biozoo                              # biozoo.envs.registration registers the id
     env = gym.make("biozoo/Swimmer-v0", n_links=6)              # also: gym.make_vec(..., num_envs=8)
     env = gym.make("biozoo/Swimmer-v0", render_mode="rgb_array")  # needs MUJOCO_GL=egl or osmesa
 """
@@ -259,6 +259,3 @@ class SwimmerEnv(gym.Env):
             self._renderer.close()
             self._renderer = None
 
-
-gym.register(id="biozoo/Swimmer-v0", entry_point="biozoo.envs.swimmer:SwimmerEnv", max_episode_steps=EPISODE_STEPS,
-             kwargs={"n_links": 6, "task": "swim"})

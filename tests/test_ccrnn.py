@@ -254,11 +254,11 @@ def test_cli_fit_export_and_reload(tmp_path):
     run_biozoo("fit", "-c", "configs/ccrnn/linedraw.yaml", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
                "--trainer.limit_train_batches", "4", "--trainer.default_root_dir", str(root),
                "--trainer.enable_progress_bar", "false", "--data.init_args.num_train", "250")
-    metrics = (next(root.glob("logs/*/metrics.csv"))).read_text().splitlines()
+    metrics = (next(root.glob("version_0/metrics.csv"))).read_text().splitlines()
     header = metrics[0].split(",")
     for key in ("train/loss_epoch", "train/cerebellum_loss_epoch", "val/loss", "val/deviation", "val/jerk"):
         assert key in header
-    ckpt = root / "checkpoints" / "last.ckpt"
+    ckpt = root / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["training"] == "ccrnn"
     run_biozoo("export", str(ckpt), str(tmp_path / "export"))
     config = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -278,9 +278,9 @@ def test_seqmnist_config_runs_on_mnist_files(tmp_path):
     run_biozoo("fit", "-c", "configs/ccrnn/seqmnist.yaml", "--data.init_args.data_dir", str(tmp_path / "data"),
                "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
                "--trainer.enable_progress_bar", "false")
-    header = next(root.glob("logs/*/metrics.csv")).read_text().splitlines()[0].split(",")
+    header = next(root.glob("version_0/metrics.csv")).read_text().splitlines()[0].split(",")
     assert {"val/loss", "val/acc", "train/cerebellum_loss_epoch"} <= set(header)
-    hparams = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    hparams = torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["truncation"] == 3 and hparams["data_dims"]["seq_len"] == 28
 
 

@@ -299,7 +299,7 @@ def test_fit_cli_parity_smoke(tmp_path):
     run_biozoo("fit", "-c", "configs/ctm/parity16.yaml", "--trainer.max_steps", "3", "--trainer.default_root_dir",
                str(root), "--data.train_size", "64", "--data.val_size", "32", "--data.batch_size", "16",
                "--model.init_args.model_kwargs.iterations", "4", "--model.init_args.model_kwargs.d_model", "32")
-    ckpt = root / "checkpoints" / "last.ckpt"
+    ckpt = root / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     model = biozoo.load_pretrained(ckpt)  # what `biozoo export` reads
     assert model.iterations == 4 and model.out_dims == 32 and model.prediction_reshaper == [16, 2]

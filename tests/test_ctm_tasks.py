@@ -314,7 +314,7 @@ def test_maze_config_trains_through_the_cli(tmp_path):
                f"--trainer.default_root_dir={tmp_path}", "--data.n_train", "64", "--data.n_val", "16",
                "--data.n_test", "16", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
                "--trainer.enable_progress_bar", "false", "--model.init_args.model_kwargs.iterations", "3")
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     from biozoo.train.ctm_eval import main
 
     assert main(["maze-eval", str(ckpt), "--sizes", "11", "--n", "4", "--reapply", "2",

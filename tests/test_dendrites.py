@@ -388,12 +388,13 @@ def test_cli_flag_and_configs(tmp_path):
                       "--trainer.callbacks.threshold_rel=0.9", "--trainer.callbacks.monitor=val/loss",
                       "--trainer.callbacks.monitor_mode=min")
     assert "dendrites: cycle 1 (1 dendrite(s)" in proc.stdout, proc.stdout[-2000:]
-    assert (root / "checkpoints" / "dendrites-best.ckpt").exists()
+    assert (root / "version_0" / "checkpoints" / "dendrites-best.ckpt").exists()
     from biozoo.cli import BiozooCLI
 
     for name, mode, patience in (("digits_mlp_gd", "gd", 25), ("digits_mlp_perforated", "perforated", 25),
                                  ("cifar10_resnet8_gd", "gd", 10)):
-        cli = BiozooCLI(args=["-c", str(REPO / "configs" / "dendrites" / f"{name}.yaml"), "--trainer.logger=false"],
+        cli = BiozooCLI(args=["-c", str(REPO / "configs" / "dendrites" / f"{name}.yaml"), "--trainer.logger=false",
+                              "--trainer.default_root_dir", str(tmp_path / name)],
                         run=False)
         callback = next(c for c in cli.trainer.callbacks if isinstance(c, Dendrites))
         assert callback.mode == mode and callback.patience == patience

@@ -83,6 +83,23 @@ def test_render_or_one_line_gl_error():
     env.close()
 
 
+def test_render_a_rollout_gif_of_the_shipped_swimmer(tmp_path):
+    """With OpenGL (CI: libosmesa6 + MUJOCO_GL=osmesa, see .ci/run): 30 rendered steps of ncap.swim6 as a GIF."""
+    import imageio.v2 as imageio
+
+    try:
+        traj = rollout(create_model("ncap.swim6"), "biozoo/Swimmer-v0", render=True, n_links=6, max_episode_steps=30)
+    except BiozooError as e:
+        assert "\n" not in str(e)
+        pytest.skip(f"no OpenGL here: {e}")
+    frames = traj["frames"]
+    assert len(frames) == 30 and frames[0].shape == (240, 320, 3)
+    assert np.abs(frames[-1].astype(float) - frames[0].astype(float)).mean() > 0.5  # the swimmer moved
+    gif = tmp_path / "swim6.gif"
+    imageio.mimsave(gif, frames, duration=33, loop=0)
+    assert len(imageio.mimread(gif)) == 30
+
+
 GL_PROBE = """
 import json, sys
 import numpy as np
@@ -316,11 +333,11 @@ def test_cli_fit_export_and_reload(tmp_path):
                "--model.init_args.total_env_steps", "2048", "--model.init_args.eval_episodes", "1",
                "--model.init_args.video", "false", "--data.init_args.num_envs", "4",
                "--data.init_args.env_kwargs", "{n_links: 4}", "--data.init_args.rollouts_per_epoch", "4")
-    logs = next(root.glob("logs/*/"))
+    logs = root / "version_0"
     metrics = (logs / "metrics.csv").read_text()
     assert "val/return" in metrics and (logs / "rollout.png").exists()
     assert json.loads((logs / "rollout.json").read_text())["return"] > 100
-    run_biozoo("export", str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "out"))
+    run_biozoo("export", str(root / "version_0" / "checkpoints" / "last.ckpt"), str(tmp_path / "out"))
     model = load_pretrained(tmp_path / "out")
     assert isinstance(model, NCAP) and model.n_links == 4 and model.num_parameters() == 4
 

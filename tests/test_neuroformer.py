@@ -284,7 +284,7 @@ def test_cli_pretrain_export_then_few_shot_finetune(tmp_path, small_dm):
                "--trainer.enable_progress_bar", "false", "--model.class_path", "biozoo.train.NeuroformerTask",
                "--model.init_args.model_kwargs", '{"n_embd": 32, "n_head": 2, "patch_size": [3, 4, 4]}',
                "--trainer.default_root_dir", str(tmp_path / "pre"))
-    run_biozoo("export", str(tmp_path / "pre" / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
+    run_biozoo("export", str(tmp_path / "pre" / "version_0" / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
     pre = load_pretrained(tmp_path / "exported")
     assert isinstance(pre, Neuroformer) and pre.n_neurons == 20 and pre.behaviour_mlp is not None
 

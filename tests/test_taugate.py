@@ -324,7 +324,7 @@ def test_cli_runs_the_taugate_config(tmp_path, capsys):
     BiozooCLI(args=["fit", "-c", str(REPO / "configs/taugate/taugate.yaml"), "--trainer.max_epochs", "1",
                     "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
                     "--model.init_args.checkpoint_path", str(tmp_path / "foundation")])
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     with pytest.raises(SystemExit) as done:
         main(["export", str(ckpt), str(tmp_path / "export")])
     assert done.value.code == 0 and "model.safetensors" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """Default callbacks of every biozoo run.
 
-- `RunCheckpoint`: ModelCheckpoint with `save_last`, writing to `<default_root_dir>/checkpoints` (not inside a
-  logger version), so `--ckpt_path last` finds the previous run's checkpoint and an interrupted fit resumes.
-- `ExceptionCheckpoint`: on Ctrl-C or a crash, saves the exact state mid-epoch into the same folder.
+- `RunCheckpoint`: ModelCheckpoint with `save_last`, writing to `<default_root_dir>/checkpoints`; the CLI points
+  `default_root_dir` at the run's own version folder, so no two runs share checkpoints.
+- `ExceptionCheckpoint`: on Ctrl-C or a crash during training, saves the exact state mid-epoch into the same
+  folder. It is used only when resuming is asked for (`--ckpt_path last`); unlike Lightning's
+  OnExceptionCheckpoint it does not make a plain `fit` resume, and it writes nothing before the first step.
 - `LearningCurvePlot`: at the end of fit, plots the logged metrics to `learning_curve.png` beside
   `metrics.csv` and prints where the checkpoint, metrics and plot are.
 """
@@ -16,8 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -72,23 +75,21 @@ class RunCheckpoint(ModelCheckpoint):
             self._refresh_last(trainer)
 
 
-class ExceptionCheckpoint(OnExceptionCheckpoint):
+class ExceptionCheckpoint(L.Callback):
+    """Saves `<dirpath>/on_exception.ckpt` (default: the run's checkpoints folder) when training is interrupted."""
+
+    FILE_EXTENSION = ".ckpt"
+
     def __init__(self, dirpath: str | None = None, filename: str = "on_exception"):
-        super().__init__(dirpath=dirpath or ".", filename=filename)
-        self._dirpath_given = dirpath is not None
+        self.dirpath, self.filename = dirpath, filename
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self._dirpath_given:
-            self.dirpath = run_checkpoint_dir(trainer)
+    def ckpt_path(self, trainer: L.Trainer) -> str:
+        return os.path.join(self.dirpath or run_checkpoint_dir(trainer), self.filename + self.FILE_EXTENSION)
 
-    @property
-    def ckpt_path(self) -> str:
-        return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # a finished fit supersedes an older interrupted one: never resume from the stale exception state
-        if trainer.is_global_zero and os.path.exists(self.ckpt_path):
-            os.remove(self.ckpt_path)
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return  # nothing learnt yet (e.g. missing data at setup): nothing worth keeping
+        trainer.save_checkpoint(self.ckpt_path(trainer))
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:

@@ -242,7 +242,7 @@ class CCRNNTask(BiozooTask):
         x = self.model.as_sequence(x)
         out, _ = self.model.run_window(x, self.model.initial_state(x.shape[0], x))
         loss = self._window_loss(y, x.shape[1])(out, 0)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         values: dict[str, torch.Tensor] = {}
         if self.objective == "classification":
             logits = out[:, -1]

@@ -1,11 +1,11 @@
 """The CTM as a recurrent policy on partially observed classic control (arXiv 2505.05522, section 8; official
 `tasks/rl/train.py`, CleanRL's recurrent PPO).
 
-Environments (registered with gymnasium): `biozoo/CartPoleMasked-v1` and `biozoo/AcrobotMasked-v1`, CartPole-v1
-and Acrobot-v1 with the velocities zeroed in the observation (official `MaskVelocityWrapper`), episodes capped at
-200 and 500 steps as in the official scripts. The policy has to infer the velocities from its own history: the
-`ctm_rl_agent` carries its state (pre-activation trace and post-activation window) across environment steps and
-resets it to the learned start when an episode begins.
+Environments (`biozoo.envs.classic`, registered by `import biozoo`): `biozoo/CartPoleMasked-v1` and
+`biozoo/AcrobotMasked-v1`, CartPole-v1 and Acrobot-v1 with the velocities zeroed in the observation (official
+`MaskVelocityWrapper`), episodes capped at 200 and 500 steps as in the official scripts. The policy has to infer
+the velocities from its own history: the `ctm_rl_agent` carries its state (pre-activation trace and post-activation
+window) across environment steps and resets it to the learned start when an episode begins.
 
 `RecurrentPPOTask` extends the shared control harness (`biozoo.train.control`: its `EnvDataModule`, `gae` and
 episode bookkeeping) with what a recurrent, discrete policy needs, following the official trainer:
@@ -30,33 +30,11 @@ import torch
 from gymnasium.wrappers.vector import NormalizeReward, RecordEpisodeStatistics
 from torch import nn
 
+from biozoo.envs.classic import VELOCITY_MASKS, MaskVelocity, make_masked  # noqa: F401  (the envs live there)
 from biozoo.models.errors import BiozooError
 
 from .control import ControlTask, EnvDataModule, finished_episodes, gae, to_tensor
 from .tasks import BiozooTask, build_model
-
-VELOCITY_MASKS = {"CartPole-v1": [1, 0, 1, 0], "Acrobot-v1": [1, 1, 1, 1, 0, 0]}
-
-
-class MaskVelocity(gym.ObservationWrapper):
-    """Zero the velocity entries of a classic-control observation."""
-
-    def __init__(self, env: gym.Env, mask: list[float]):
-        super().__init__(env)
-        self.mask = np.asarray(mask, dtype=np.float32)
-
-    def observation(self, observation: np.ndarray) -> np.ndarray:
-        return (observation * self.mask).astype(np.float32)
-
-
-def make_masked(base: str, **kwargs: Any) -> gym.Env:
-    return MaskVelocity(gym.make(base, **kwargs), VELOCITY_MASKS[base])
-
-
-for _base, _steps in (("CartPole-v1", 200), ("Acrobot-v1", 500)):
-    _id = f"biozoo/{_base.split('-')[0]}Masked-v1"
-    if _id not in gym.registry:
-        gym.register(_id, entry_point=make_masked, kwargs={"base": _base}, max_episode_steps=_steps)
 
 
 def make_discrete_vec(env_id: str, num_envs: int, normalize_reward: bool = False, gamma: float = 0.99,

@@ -5,7 +5,8 @@
         - class_path: biozoo.train.WandbLogger   # offline automatically when no W&B account is set up
           init_args: {project: biozoo}
 
-Loggers whose `save_dir` is left out write under the run's `trainer.default_root_dir` (the CLI fills it in).
+Loggers whose `save_dir` is left out write into the run's own version folder (the CLI fills it in): CSV files
+directly in it, TensorBoard into `tensorboard/`, W&B into `wandb/`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
 
 class CSVLogger(_LightningCSVLogger):
-    """Lightning's CSVLogger; `save_dir` defaults to the run's default_root_dir (filled in by the CLI)."""
+    """Lightning's CSVLogger. Left out, `save_dir` is the run's version folder (filled in by the CLI, which then
+    writes metrics.csv directly into it); given, Lightning's `save_dir/name/version_N` layout applies."""
 
     def __init__(self, save_dir: str | None = None, name: str = "logs", version: int | str | None = None,
                  flush_logs_every_n_steps: int = 50):
@@ -28,7 +30,7 @@ class CSVLogger(_LightningCSVLogger):
 
 
 class TensorBoardLogger(_LightningTensorBoardLogger):
-    """Lightning's TensorBoardLogger; `save_dir` defaults to the run's default_root_dir (filled in by the CLI)."""
+    """Lightning's TensorBoardLogger; `save_dir` defaults to the run's version folder (filled in by the CLI)."""
 
     def __init__(self, save_dir: str | None = None, name: str = "tensorboard", version: int | str | None = None,
                  **kwargs: Any):

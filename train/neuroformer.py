@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from torchmetrics import PearsonCorrCoef, R2Score
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from biozoo.models import create_model, get_pretrained_cfg
+from biozoo.models import create_model, get_pretrained_cfg, list_pretrained
 from biozoo.models._registry import pretrained_dir
 from biozoo.models.errors import CheckpointError
 from biozoo.models.neuroformer import Neuroformer, init_from_pretrained, record_attention
@@ -76,7 +76,9 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if "." in name_or_path and "/" not in name_or_path:
         model, tag = name_or_path.split(".", 1)
         return pretrained_dir(get_pretrained_cfg(model, tag))
-    raise CheckpointError(f"no checkpoint at {name_or_path} (give a folder with config.json + model.safetensors or a tag)")
+    tags = ", ".join(k for k in list_pretrained() if k.startswith("neuroformer"))
+    raise CheckpointError(f"no checkpoint at {name_or_path} (give a folder with config.json + model.safetensors, "
+                          f"or a tag: {tags})")
 
 
 def build_finetune_model(checkpoint: str, model_kwargs: dict[str, Any], data_dims: dict[str, Any]) -> Neuroformer:
@@ -132,9 +134,10 @@ class NeuroformerTask(BiozooTask):
         out = self.model(batch)
         result = neuroformer_loss(out, batch, **self.loss_kwargs)
         n = len(batch["id"])
-        self.log(f"{stage}/loss", result.loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=n)
+        self.log(f"{stage}/loss", result.loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=n,
+                 sync_dist=stage != "train")
         for name, value in result.extras.items():
-            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=stage != "train")
         if stage != "train":
             self.score(out, batch, stage)
         return result.loss

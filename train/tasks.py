@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanSquaredError
+from torchmetrics import MaxMetric, MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
 from biozoo.models import create_model
@@ -104,6 +104,7 @@ class SupervisedTask(BiozooTask):
         self.metric_name = "acc" if self.classification else "mse"
         self.train_metric, self.val_metric, self.test_metric = make(), make(), make()
         self.val_best = MaxMetric() if self.classification else None
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model(x)
@@ -112,12 +113,19 @@ class SupervisedTask(BiozooTask):
         x, y = batch
         out: LossOutput = self.loss_fn(self.model(x), y, **self.loss_kwargs)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", out.loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(y))
+        sync = not on_step
+        if on_step:
+            self.log(f"{stage}/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        else:  # the mean over every rank's samples: MeanMetric syncs sums and counts exactly, once per epoch
+            # (Lightning's own sync_dist averages the integer sample counts, which rounds when the ranks differ)
+            mean = self.eval_loss[stage]
+            mean.update(out.loss.detach(), weight=len(y))
+            self.log(f"{stage}/loss", mean, prog_bar=True, on_step=False, on_epoch=True)
         metric(out.logits.detach(), y)
         self.log(f"{stage}/{self.metric_name}", metric, prog_bar=True, on_step=False, on_epoch=True)
         for name, value in out.extras.items():
             if value.numel() == 1:
-                self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=len(y))
+                self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=sync)
         return out.loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
