@@ -115,6 +115,7 @@ try:
     render = list(env.render().shape)
 except BiozooError as e:
     render = str(e)
+env.close()  # an OSMesa renderer left to interpreter teardown prints to stdout and raises in __del__
 print(json.dumps({"imported_early": imported_early, "obs": obs.tolist(), "render": render}))
 """
 
