@@ -318,7 +318,7 @@ def main() -> None:
     if args.what == "overhead":
         overhead(args.rounds, args.models)
     else:
-        from biozoo.models.errors import DataNotFoundError
+        from biozoo._core import DataNotFoundError
 
         global CIFAR_DIR
         CIFAR_DIR = args.cifar_dir

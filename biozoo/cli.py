@@ -5,6 +5,7 @@
     biozoo list [PATTERN]                          # models, pretrained tags, tasks, checkpoint formats
     biozoo export RUN_CKPT OUT_DIR                 # Lightning .ckpt -> config.json + model.safetensors
     biozoo convert FORMAT SRC OUT_DIR              # e.g. official CTM checkpoints -> biozoo format
+    biozoo matrix [--run --steps N]                # every task x model pair: fits or why not (and a short run)
 
 Errors in the user's input (config keys, shapes, checkpoints, missing data) print one line and exit non-zero;
 set BIOZOO_DEBUG=1 for the full traceback.
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError
 
 
 USAGE = """usage: biozoo COMMAND [ARGS]
@@ -31,6 +32,7 @@ commands:
   list [PATTERN]                    models, pretrained tags, tasks, data, losses, checkpoint formats, environments
   export RUN_CKPT OUT_DIR           a Lightning .ckpt -> config.json + model.safetensors
   convert FORMAT SRC OUT_DIR        a foreign checkpoint (e.g. an official CTM one) -> the same format
+  matrix [--run --steps N]          which task x model config pairs fit (and a short run of each that does)
 
 Help on one command: biozoo fit --help, biozoo convert --help, ...
 Errors print one line; BIOZOO_DEBUG=1 (or --debug) shows the traceback."""
@@ -38,11 +40,19 @@ Errors print one line; BIOZOO_DEBUG=1 (or --debug) shows the traceback."""
 CATALOG_PACKAGES = ("biozoo.envs", "biozoo.train")
 
 
-def _package_sources(package: str) -> list[Path]:
+def _package_sources(package: str) -> list[tuple[str, Path]]:
+    """(module name, file) of every module in the package and its subpackages, found without importing them."""
     spec = importlib.util.find_spec(package)  # finds the folder without running the package's __init__
     if spec is None or not spec.submodule_search_locations:
         return []
-    return sorted(p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.py"))
+    out = []
+    for folder in map(Path, spec.submodule_search_locations):
+        for path in sorted(folder.rglob("*.py")):
+            parts = [*path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out.append((".".join([package, *parts]), path))
+    return out
 
 
 def _base_name(node: ast.expr) -> str:
@@ -57,21 +67,22 @@ def static_catalog(packages: tuple[str, ...] = CATALOG_PACKAGES) -> dict[str, li
     Rules: a module-level class is a task if it subclasses BiozooTask, and a DataModule if it subclasses
     BiozooDataModule, directly or through other module-level classes of these packages (bases matched by bare name,
     the same module's class first); the base classes themselves are left out, and so is every DataModule that
-    neither it nor any of those in-package ancestors defines `dims` for (abstract bases, as at runtime, where such a
-    class's `dims` is BiozooDataModule's). Losses: the string literal passed to `register_loss(...)` anywhere.
+    neither it nor any of those in-package ancestors defines `spec` (or `dims`) for (abstract bases, as at runtime, where such a
+    class's `spec` is BiozooDataModule's). Losses: the string literal passed to `register_loss(...)` anywhere.
     Entries read "module.Class", as `c.__module__ + "." + c.__name__` gives at runtime."""
     classes: dict[str, dict[str, Any]] = {}  # "module.Class" -> bases, defines dims
     by_name: dict[str, list[str]] = {}
     losses: set[str] = set()
     for package in packages:
-        for path in _package_sources(package):
-            module = package if path.stem == "__init__" else f"{package}.{path.stem}"
+        for module, path in _package_sources(package):
             tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
             for node in tree.body:
                 if isinstance(node, ast.ClassDef):
-                    dims = any(isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == "dims"
-                               or isinstance(item, ast.Assign) and any(getattr(t, "id", "") == "dims" for t in item.targets)
-                               or isinstance(item, ast.AnnAssign) and getattr(item.target, "id", "") == "dims"
+                    described = ("spec", "dims")
+                    dims = any(isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name in described
+                               or isinstance(item, ast.Assign) and any(getattr(t, "id", "") in described
+                                                                       for t in item.targets)
+                               or isinstance(item, ast.AnnAssign) and getattr(item.target, "id", "") in described
                                for item in node.body)
                     key = f"{module}.{node.name}"
                     classes[key] = {"module": module, "bases": [_base_name(b) for b in node.bases], "dims": dims}
@@ -140,7 +151,7 @@ def _list(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    from biozoo.models._hub import model_from_lightning_checkpoint, safe_torch_load, save_pretrained
+    from biozoo.models import model_from_lightning_checkpoint, safe_torch_load, save_pretrained
 
     parser = argparse.ArgumentParser(prog="biozoo export",
                                      description="Turn a Lightning checkpoint into config.json + model.safetensors.")
@@ -171,7 +182,13 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"list": _list, "export": _export, "convert": _convert}
+def _matrix(argv: list[str]) -> int:
+    from biozoo.train.matrix import main as matrix_main
+
+    return matrix_main(argv)
+
+
+COMMANDS = {"list": _list, "export": _export, "convert": _convert, "matrix": _matrix}
 
 
 def _one_line(error: BaseException) -> str:

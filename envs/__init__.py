@@ -17,7 +17,7 @@ from . import registration  # noqa: F401  (gymnasium ids; imports no environment
 # public name -> submodule that defines it
 _EXPORTS = {
     "BiozooDataModule": "datamodules", "CIFAR10DataModule": "datamodules", "DigitsDataModule": "datamodules",
-    "MNISTDataModule": "datamodules", "TorchvisionDataModule": "datamodules", "image_dims": "datamodules",
+    "MNISTDataModule": "datamodules", "TorchvisionDataModule": "datamodules", "image_spec": "datamodules", "spec_dims": "datamodules",
     "RotatedDigitsDataModule": "rotated", "RotatedMNISTDataModule": "rotated",  # TauGate brain modes
     "DigitDrawingDataModule": "ccrnn_tasks", "LineDrawingDataModule": "ccrnn_tasks",
     "SequentialDigitsDataModule": "ccrnn_tasks",
@@ -25,11 +25,12 @@ _EXPORTS = {
     "QAMNISTDataModule": "qamnist", "SortingDataModule": "sorting",  # CTM tasks
     "SpikesDataModule": "spikes",  # Neuroformer spike windows
     "SwimmerEnv": "swimmer", "MaskVelocity": "classic",  # gymnasium environments
+    "EnvDataModule": "control", "make_env": "control", "make_vec_env": "control",  # any env for the harness
 }
 _SUBMODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 
 __all__ = ["BiozooDataModule", "CIFAR10DataModule", "DigitsDataModule", "MNISTDataModule", "TorchvisionDataModule",
-           "image_dims", "import_all"]
+           "image_spec", "spec_dims", "import_all"]
 
 
 def __getattr__(name: str) -> Any:

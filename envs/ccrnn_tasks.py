@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError, DataSpec
 
 from .datamodules import BiozooDataModule, MNISTDataModule, load_digits_arrays, split_indices
 
@@ -109,12 +109,15 @@ class SequenceTaskDataModule(BiozooDataModule):
         self.feedback_every = feedback_every
 
     @property
-    def dims(self) -> dict[str, Any]:
-        dims = {"input_size": self.input_size, "output_size": self.output_size, "seq_len": self.seq_len,
-                "objective": self.objective, "feedback_every": self.feedback_every}
+    def spec(self) -> DataSpec:
+        """Sequences (T, F); a class at the end (recognition) or a (T, 2) trajectory (drawing: regression at every
+        step). `extras` carry what the ccRNN task reads: the objective and the feedback interval."""
+        extras = {"objective": self.objective, "feedback_every": self.feedback_every}
         if self.objective == "classification":
-            dims.update(num_classes=self.output_size, readout="last")
-        return dims
+            return DataSpec("sequence", (self.seq_len, self.input_size), "classes", num_classes=self.output_size,
+                            extras=extras)
+        return DataSpec("sequence", (self.seq_len, self.input_size), "regression", target_dim=self.output_size,
+                        positions=(self.seq_len,), extras=extras)
 
     def make_split(self, split: Any) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError

@@ -1,7 +1,8 @@
 """DataModules for the supervised tasks.
 
 `BiozooDataModule` holds what every dataset shares (data_dir, download, batch_size, num_workers, seed) and
-exposes `dims`, the shapes the CLI links into the model. Subclasses only build their datasets.
+describes its data with one `DataSpec` (`.spec`); `.dims` (what the CLI links into the task) is that spec with
+the builder arguments derived from it. Subclasses only give their spec and build their datasets.
 
 - `DigitsDataModule`: scikit-learn's bundled 8x8 handwritten digits (offline, 1,797 images).
 - `MNISTDataModule`, `CIFAR10DataModule`: torchvision's real loaders and downloads. When the files are absent
@@ -19,13 +20,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from biozoo.models.errors import DataNotFoundError
+from biozoo._core import DataNotFoundError, DataSpec
 
 
-def image_dims(channels: int, height: int, width: int, num_classes: int) -> dict[str, Any]:
-    """The dimension names builders take: an MLP reads in_features, a ResNet in_channels, an LSTM input_size."""
-    return {"input_shape": [channels, height, width], "in_features": channels * height * width,
-            "in_channels": channels, "input_size": channels * width, "seq_len": height, "num_classes": num_classes}
+def image_spec(channels: int, height: int, width: int, num_classes: int) -> DataSpec:
+    return DataSpec("image", (channels, height, width), "classes", num_classes=num_classes)
+
+
+def spec_dims(spec: DataSpec) -> dict[str, Any]:
+    """What the CLI links into a task (`data.dims` -> `model.init_args.data_dims`): the spec itself (primitives)
+    and the builder arguments derived from it (in_features, in_channels, input_size, out_dims, ...)."""
+    return {**spec.builder_kwargs(), "spec": spec.to_dict()}
 
 
 def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -48,8 +53,12 @@ class BiozooDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
 
     @property
-    def dims(self) -> dict[str, Any]:
+    def spec(self) -> DataSpec:
         raise NotImplementedError
+
+    @property
+    def dims(self) -> dict[str, Any]:
+        return spec_dims(self.spec)
 
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
@@ -99,8 +108,8 @@ class DigitsDataModule(BiozooDataModule):
         self.test_fraction, self.split_seed = test_fraction, split_seed
 
     @property
-    def dims(self) -> dict[str, Any]:
-        return image_dims(1, 8, 8, 10)
+    def spec(self) -> DataSpec:
+        return image_spec(1, 8, 8, 10)
 
     def build_datasets(self):
         x, y = load_digits_arrays()
@@ -149,8 +158,8 @@ class MNISTDataModule(TorchvisionDataModule):
     where = "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"
 
     @property
-    def dims(self) -> dict[str, Any]:
-        return image_dims(1, 28, 28, 10)
+    def spec(self) -> DataSpec:
+        return image_spec(1, 28, 28, 10)
 
     def transform(self, train: bool):
         from torchvision import transforms as T
@@ -173,8 +182,8 @@ class CIFAR10DataModule(TorchvisionDataModule):
         self.augment = augment
 
     @property
-    def dims(self) -> dict[str, Any]:
-        return image_dims(3, 32, 32, 10)
+    def spec(self) -> DataSpec:
+        return image_spec(3, 32, 32, 10)
 
     def transform(self, train: bool):
         from torchvision import transforms as T

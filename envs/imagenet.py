@@ -7,9 +7,10 @@ of the training run comes from the train folder (`val_fraction`); `val/` is the 
 
 from __future__ import annotations
 
-from typing import Any
 
-from .datamodules import TorchvisionDataModule, image_dims
+from biozoo._core import DataSpec
+
+from .datamodules import TorchvisionDataModule, image_spec
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -24,8 +25,8 @@ class ImageNetDataModule(TorchvisionDataModule):
         self.image_size = image_size
 
     @property
-    def dims(self) -> dict[str, Any]:
-        return image_dims(3, self.image_size, self.image_size, 1000)
+    def spec(self) -> DataSpec:
+        return image_spec(3, self.image_size, self.image_size, 1000)
 
     def transform(self, train: bool):
         from torchvision import transforms as T

@@ -27,13 +27,12 @@ from __future__ import annotations
 import functools
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from biozoo.models.errors import BiozooError, DataNotFoundError, ShapeError
+from biozoo._core import BiozooError, DataNotFoundError, DataSpec, ShapeError
 
 from .datamodules import BiozooDataModule, split_indices
 
@@ -370,10 +369,10 @@ def load_maze_folder(root: str | Path, route_length: int, limit: int | None = No
     return np.stack(images), np.asarray(routes, dtype=np.int64)
 
 
-def maze_dims(size: int, route_length: int) -> dict[str, Any]:
-    """What the CLI links into a maze model: the image shape and the (route_length, 5) prediction layout."""
-    return {"input_shape": [3, size, size], "in_channels": 3, "num_classes": 5, "route_length": route_length,
-            "out_dims": 5 * route_length, "prediction_reshaper": [route_length, 5]}
+def maze_spec(size: int, route_length: int) -> DataSpec:
+    """An RGB maze image, one of 5 moves at each of the route's `route_length` steps."""
+    return DataSpec("image", (3, size, size), "classes", num_classes=len(ACTION_NAMES), positions=(route_length,),
+                    extras={"route_length": route_length})
 
 
 class MazeDataModule(BiozooDataModule):
@@ -411,8 +410,8 @@ class MazeDataModule(BiozooDataModule):
             return im.size[1]
 
     @property
-    def dims(self) -> dict[str, Any]:
-        return maze_dims(self.image_size, self.route_length)
+    def spec(self) -> DataSpec:
+        return maze_spec(self.image_size, self.route_length)
 
     def build_datasets(self):
         make = lambda arrays, augment: MazeDataset(*arrays, augment=augment and self.augment,  # noqa: E731

@@ -11,12 +11,12 @@ validation and test sets are fixed by `seed`, so runs compare on the same held-o
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
 
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError, DataSpec
 
 from .datamodules import BiozooDataModule
 
@@ -74,9 +74,10 @@ class ParityDataModule(GeneratedDataModule):
         self.seq_len = seq_len
 
     @property
-    def dims(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len, "input_shape": [self.seq_len], "num_classes": 2,
-                "out_dims": 2 * self.seq_len, "prediction_reshaper": [self.seq_len, 2]}
+    def spec(self) -> DataSpec:
+        """+-1 sequences (L,), a parity class at every position (the CTM reads them through its parity embedding)."""
+        return DataSpec("sequence", (self.seq_len,), "classes", num_classes=2, positions=(self.seq_len,),
+                        extras={"binary_tokens": True})
 
     def make(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         return parity_batch(n, self.seq_len, generator)

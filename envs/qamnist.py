@@ -20,14 +20,13 @@ A batch is `((digits, question), answer)`: digits (B, n_digits * repeats, 1, H, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError, DataSpec
 
 from .datamodules import BiozooDataModule, load_digits_arrays, split_indices
 
@@ -117,7 +116,7 @@ def load_digit_images(source: str, data_dir: str | Path, image_size: int | None
     if resolve_source(source, root) == "mnist":
         from torchvision.datasets import MNIST
 
-        from biozoo.models.errors import DataNotFoundError
+        from biozoo._core import DataNotFoundError
 
         sets = []
         for train in (True, False):
@@ -161,12 +160,13 @@ class QAMNISTDataModule(BiozooDataModule):
         self.used_source: str | None = None
 
     @property
-    def dims(self) -> dict[str, Any]:
+    def spec(self) -> DataSpec:
+        """A token stream of digit images (1, H, W) then question tokens (stream "qamnist"), one answer class."""
         size = self.image_size or (32 if resolve_source(self.source, self.data_dir) == "mnist" else 8)
         r = self.task["repeats"]
-        return {"input_shape": [1, size, size], "in_channels": 1, "num_classes": MODULO, "out_dims": MODULO,
-                "iterations_per_digit": r, "iterations_per_question_part": r,
-                "iterations_for_answering": self.answer_ticks}
+        return DataSpec("tokens", (1, size, size), "classes", num_classes=MODULO,
+                        extras={"stream": "qamnist", "in_channels": 1, "iterations_per_digit": r,
+                                "iterations_per_question_part": r, "iterations_for_answering": self.answer_ticks})
 
     def build_datasets(self):
         (x, y), (x_test, y_test), self.used_source = load_digit_images(self.source, self.data_dir, self.image_size)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-from biozoo.models.errors import check_choice
+from biozoo._core import check_choice
 
 from .datamodules import DigitsDataModule, MNISTDataModule, load_digits_arrays, split_indices
 
@@ -38,7 +38,7 @@ def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:
 def rotated_mask(n: int, fraction: float, seed: int) -> np.ndarray:
     """Which of n samples are rotated: a seeded subset of round(fraction * n)."""
     if not 0.0 <= fraction <= 1.0:
-        from biozoo.models.errors import BiozooError
+        from biozoo._core import BiozooError
 
         raise BiozooError(f"rotated_fraction must lie in [0, 1], got {fraction}")
     mask = np.zeros(n, dtype=bool)

@@ -6,11 +6,10 @@ The CTM reads the raw vector at every tick and emits one index (or the blank, cl
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError, DataSpec
 
 from .parity import GeneratedDataModule
 
@@ -31,9 +30,12 @@ class SortingDataModule(GeneratedDataModule):
         self.length = length
 
     @property
-    def dims(self) -> dict[str, Any]:
-        return {"seq_len": self.length, "input_shape": [self.length], "in_features": self.length,
-                "d_input": self.length, "out_dims": self.length + 1, "num_classes": self.length + 1}
+    def spec(self) -> DataSpec:
+        """N values (flat features), the argsort index (N + 1 classes, the last the CTC blank) at N positions. A
+        tick model emits one index per tick (CTC, `out_dims` N + 1); a model without ticks predicts each position."""
+        return DataSpec("features", (self.length,), "classes", num_classes=self.length + 1, positions=(self.length,),
+                        extras={"out_dims": self.length + 1, "prediction_reshaper": [-1], "d_input": self.length,
+                                "min_ticks": self.length})
 
     def make(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         return sorting_batch(n, self.length, generator)

@@ -43,8 +43,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from biozoo.models._hub import first_line
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError, first_line
 
 PHYSICS_DT = 0.002
 CONTROL_DT = 0.03

@@ -1,9 +1,10 @@
 """biozoo.models: every architecture in the zoo, one file per family. Nothing here imports Lightning."""
 
 from ._hub import (PretrainedMixin, convert_checkpoint, list_checkpoint_formats, load_pretrained, load_weights,
-                   register_checkpoint_format, safe_torch_load, save_pretrained)
-from ._registry import (PretrainedCfg, create_model, get_pretrained_cfg, list_models, list_pretrained,
-                        register_model, register_pretrained)
+                   model_from_lightning_checkpoint, register_checkpoint_format, safe_torch_load, save_pretrained)
+from ._registry import (PretrainedCfg, accepted_kwargs, create_model, get_builder, get_pretrained_cfg,
+                        kwargs_for_spec, list_models, list_pretrained, model_class, pretrained_dir, register_model,
+                        register_pretrained)
 from .errors import BiozooError, CheckpointError, DataNotFoundError, ShapeError, UnknownNameError
 from . import baselines  # noqa: F401  (registers mlp, lstm, resnet)
 from . import ncap  # noqa: F401  (registers ncap, ncap_unshared, mlp_policy, mlp_policy_256)
@@ -17,7 +18,8 @@ from . import weights  # noqa: F401  (registers the shipped pretrained checkpoin
 
 __all__ = [
     "BiozooError", "CheckpointError", "DataNotFoundError", "PretrainedCfg", "PretrainedMixin", "ShapeError",
-    "UnknownNameError", "convert_checkpoint", "create_model", "get_pretrained_cfg", "list_checkpoint_formats",
+    "UnknownNameError", "accepted_kwargs", "convert_checkpoint", "create_model", "get_builder", "get_pretrained_cfg",
+    "kwargs_for_spec", "list_checkpoint_formats", "model_class", "model_from_lightning_checkpoint", "pretrained_dir",
     "list_models", "list_pretrained", "load_pretrained", "load_weights", "register_checkpoint_format",
     "register_model", "register_pretrained", "safe_torch_load", "save_pretrained",
 ]

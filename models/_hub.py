@@ -23,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ._registry import create_model, get_builder
-from .errors import BiozooError, CheckpointError, UnknownNameError
+from .errors import BiozooError, CheckpointError, UnknownNameError, first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -102,14 +102,6 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(e)}") from None
-
-
-def first_line(error: BaseException, with_type: bool = False) -> str:
-    """The first line of an error's message (its type name if it has none), optionally after the type name."""
-    text = str(error).strip()
-    if not text:
-        return type(error).__name__
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if with_type else text.splitlines()[0]
 
 
 def _names(keys: Iterable[str], limit: int = 5) -> str:

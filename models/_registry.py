@@ -13,11 +13,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import inspect
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
+
+from biozoo._core import TARGET_WORDS, DataSpec, SpecError, spec_mismatch
 
 from .errors import BiozooError, CheckpointError, UnknownNameError, suggest
 
@@ -131,6 +134,47 @@ def accepted_kwargs(builder: Callable, candidates: dict[str, Any]) -> dict[str, 
     target = builder.__init__ if inspect.isclass(builder) else builder
     names = inspect.signature(target).parameters
     return {k: v for k, v in candidates.items() if k in names}
+
+
+def model_class(builder: Callable) -> type | None:
+    """The nn.Module class a builder makes: the builder itself, or its return annotation."""
+    if inspect.isclass(builder):
+        return builder
+    try:
+        hint = typing.get_type_hints(builder).get("return")
+    except Exception:  # an annotation that does not resolve: no class to read
+        return None
+    return hint if inspect.isclass(hint) else None
+
+
+def kwargs_for_spec(name: str, spec: DataSpec, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The builder's arguments for a task's data: derived from the spec by the model's `spec_kwargs`, the explicit
+    `kwargs` merged in by it. Raises a one-line SpecError when the model cannot take the data (`reads`, the input
+    kinds it takes, `streams` for token inputs, and `predicts`, the target kinds). A builder function declares
+    these itself (`ctm_parity.reads = ...`) or inherits them from the class it returns."""
+    builder = get_builder(name)
+    cls = model_class(builder)
+    declared = lambda attr, default=None: getattr(builder, attr, getattr(cls, attr, default))  # noqa: E731
+    reads, streams = declared("reads"), declared("streams")
+    if reads is not None and spec.input not in reads:
+        raise spec_mismatch(name, spec, reads, streams)
+    stream = spec.extras.get("stream")
+    if spec.input == "tokens" and streams is not None and stream not in streams:
+        raise SpecError(f"{name} cannot take {spec.describe_input()}: it reads token streams ({', '.join(streams)})")
+    predicts = declared("predicts", ("classes", "regression", "discrete_actions", "continuous_actions"))
+    if not predicts:
+        raise SpecError(f"{name} cannot predict {spec.describe_target()}: it is a core without a readout")
+    if spec.target not in predicts:
+        raise SpecError(f"{name} cannot predict {spec.describe_target()}: it predicts "
+                        f"{' or '.join(TARGET_WORDS[p] for p in predicts)}")
+    explicit = dict(kwargs or {})
+    fit = declared("spec_kwargs")
+    if fit is None:
+        return {**accepted_kwargs(builder, spec.builder_kwargs()), **explicit}
+    derived = {**spec.builder_kwargs(), **fit(spec, explicit)}  # the model merges the explicit arguments
+    out = accepted_kwargs(builder, derived)  # a builder function (ctm_parity, resnet8) takes a subset
+    out.update({k: derived[k] for k in explicit if k in derived})  # unknown ones are reported at build time
+    return out
 
 
 def sha256_of(path: Path) -> str:

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from biozoo._core import DataSpec, ModelOutput, SpecError
+
 from ._hub import PretrainedMixin
 from ._registry import register_model, suggest
 from .errors import BiozooError, UnknownNameError, check_shape
@@ -67,6 +69,8 @@ class Cerebellum(nn.Module):
 
 @register_model(name="ccrnn")
 class CorticoCerebellarRNN(PretrainedMixin, nn.Module):
+    reads = ("sequence", "observation")
+
     """Cortex (LSTM/GRU/RNN + linear readout) with an optional cerebellum predicting future gradients.
 
     The state travels as one flat (B, S) tensor ([h, c] for the LSTM) so that gradients can be injected into it
@@ -94,8 +98,10 @@ class CorticoCerebellarRNN(PretrainedMixin, nn.Module):
     def state_size(self) -> int:
         return 2 * self.hidden_size if self.cell == "lstm" else self.hidden_size
 
-    def initial_state(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(batch_size, self.state_size)
+    def initial_state(self, batch_size: int, like: torch.Tensor | torch.device | str = "cpu") -> torch.Tensor:
+        if isinstance(like, torch.Tensor):
+            return like.new_zeros(batch_size, self.state_size)
+        return torch.zeros(batch_size, self.state_size, device=like)
 
     def _unpack(self, state: torch.Tensor):
         if self.cell == "lstm":
@@ -118,19 +124,33 @@ class CorticoCerebellarRNN(PretrainedMixin, nn.Module):
         return self.cerebellum(state)
 
     def as_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, F) as given, or an image (B, C, H, W) read one row per step, (B, H, C*W)."""
+        """(B, T, F) as given, (B, T) as (B, T, 1), or an image (B, C, H, W) read one row per step, (B, H, C*W)."""
         if x.dim() == 4:
             x = x.permute(0, 2, 1, 3).flatten(2)
+        elif x.dim() == 2:  # (B, T) scalars, or one observation step (B, F) of a recurrent policy
+            x = x.unsqueeze(-1) if self.input_size == 1 else x.unsqueeze(1)
         check_shape("ccrnn", x, f"(B, T, {self.input_size}) or an image (B, C, H, W) with C*W = {self.input_size}",
                     x.dim() == 3 and x.shape[-1] == self.input_size)
         return x
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+    @classmethod
+    def spec_kwargs(cls, spec: DataSpec, kwargs: dict) -> dict:
+        if spec.input == "observation":
+            return {"input_size": spec.in_features, "output_size": spec.classes, "readout": "last", **kwargs}
+        length, features = spec.sequence_shape
+        if spec.positions not in ((), (length,)):
+            raise SpecError(f"ccrnn reads out every step or the last one; targets at {spec.positions} positions "
+                            f"do not match its {length} input steps")
+        return {"input_size": features, "output_size": spec.classes, "readout": "all" if spec.positions else "last",
+                **kwargs}
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> ModelOutput:
+        """`.logits` (B, O, T) per step (readout "all") or (B, O) at the last step; `.state` the end state (B, S)."""
         x = self.as_sequence(x)
         if state is None:
             state = self.initial_state(x.shape[0], x)
-        out, _ = self.run_window(x, state)
-        return out if self.readout == "all" else out[:, -1]
+        out, last = self.run_window(x, state)
+        return ModelOutput(out.transpose(1, 2) if self.readout == "all" else out[:, -1], state=last)
 
 
 # Paper configurations --------------------------------------------------------------------------------------------
@@ -147,3 +167,13 @@ def ccrnn_seqmnist(input_size: int = 28, output_size: int = 10, readout: str = "
                    cerebellum: bool = True, truncation: int = 3, sg_scale: float = 0.1) -> CorticoCerebellarRNN:
     """Sequential MNIST tasks (recognition, line and digit drawing): LSTM 30, cerebellum 1 x 300, K = 3 of 28."""
     return CorticoCerebellarRNN(input_size, output_size, 30, cell, readout, cerebellum, 300, 1, truncation, sg_scale)
+
+
+def _every_step_spec(spec: DataSpec, kwargs: dict) -> dict:
+    kwargs = CorticoCerebellarRNN.spec_kwargs(spec, kwargs)
+    if kwargs.get("readout") != "all":
+        raise SpecError(f"ccrnn_linedraw cannot predict {spec.describe_target()}: it reads out every step")
+    return kwargs
+
+
+ccrnn_linedraw.spec_kwargs = _every_step_spec

@@ -37,10 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from biozoo._core import DataSpec, ModelOutput
+
 from ._hub import PretrainedMixin
 from ._registry import register_model
-from .ctm import (ContinuousThoughtMachine, CTMOutput, TickRecorder, attend, attention_memory, check_choice)
-from .errors import BiozooError, check_shape
+from .ctm import ContinuousThoughtMachine, CTMOutput, TickRecorder, attend, attention_memory
+from .errors import BiozooError, check_choice, check_shape
 
 
 # --- QA-MNIST blocks -------------------------------------------------------------------------------------------
@@ -100,6 +102,12 @@ class ContinuousThoughtMachineQAMNIST(ContinuousThoughtMachine):
     Takes the official constructor arguments plus `in_channels` (digit image channels). `forward((digits,
     question))` or `forward(digits, question)`: digits (B, Td, C, H, W), question (B, Tq) int64.
     """
+
+    reads, streams, predicts = ("tokens",), ("qamnist",), ("classes",)
+
+    @classmethod
+    def spec_kwargs(cls, spec: DataSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**spec.builder_kwargs(), "out_dims": spec.classes, **kwargs}
 
     def __init__(self, iterations: int = 1, d_model: int = 1024, d_input: int = 64, heads: int = 4,
                  n_synch_out: int = 32, n_synch_action: int = 32, synapse_depth: int = 1, memory_length: int = 3,
@@ -210,11 +218,15 @@ def window_decay(length: int, params: torch.Tensor, limits: tuple[float, float] 
 
 @register_model(name="ctm_rl")
 class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
-    """The CTM as a recurrent core for RL: `forward(obs, state) -> (synchronisation (B, S), new state)`.
+    """The CTM as a recurrent core for RL: `forward(obs, state)` -> ModelOutput (synchronisation (B, S), state).
 
     `state` = (pre-activation trace (B, D, M), post-activation window (B, D, M)); `initial_state(B)` gives the
     learned start. Official constructor arguments, plus `obs_dim` (observation size, linked from the env).
+    A core without a readout: as a task's model use `ctm_rl_agent`, which adds the official actor and critic.
     """
+
+    reads = ("observation",)
+    predicts = ()  # synchronisation features only
 
     def __init__(self, iterations: int = 1, d_model: int = 128, d_input: int = 128, n_synch_out: int = 16,
                  synapse_depth: int = 1, memory_length: int = 10, deep_nlms: bool = True,
@@ -246,9 +258,10 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
         self.start_activated_trace = nn.Parameter(torch.empty(d_model, memory_length).uniform_(-bound, bound))
         self.register_buffer("diagonal_mask_out", torch.triu(torch.ones(n_synch_out, n_synch_out, dtype=torch.bool)))
 
-    def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.start_trace.unsqueeze(0).expand(batch, -1, -1).clone(),
-                self.start_activated_trace.unsqueeze(0).expand(batch, -1, -1).clone())
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-activation trace, post-activation window), each (B, D, M): the learned start."""
+        return (self.start_trace.to(device).unsqueeze(0).expand(batch_size, -1, -1),
+                self.start_activated_trace.to(device).unsqueeze(0).expand(batch_size, -1, -1))
 
     def synchronisation(self, window: torch.Tensor) -> torch.Tensor:
         """(B, D, M) post-activation window -> (B, n(n+1)/2) decayed synchronisation of the last n neurons."""
@@ -259,9 +272,11 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
         return (decay.unsqueeze(0) * products).sum(1) / torch.sqrt(decay.sum(0)).unsqueeze(0)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                track: bool = False):
+                track: bool = False) -> ModelOutput:
+        """`.logits`: the output synchronisation (B, S) (features for a head, not classes); `.state` the next
+        state; with `track`, extras "pre_activations" / "post_activations" (ticks, B, D)."""
         check_shape(type(self).__name__, x, f"(B, {self.obs_dim})", x.dim() == 2 and x.size(1) == self.obs_dim)
-        trace, window = state if state is not None else self.initial_state(x.size(0))
+        trace, window = state if state is not None else self.initial_state(x.size(0), x.device)
         features = self.backbone(x)
         trace = trace.transpose(0, 1)  # neuron-major (D, B, M) for the NLMs
         pre_track, post_track = [], []
@@ -271,11 +286,8 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
             if track:
                 pre_track.append(pre.detach())
                 post_track.append(z.detach())
-        synch = self.synchronisation(window)
-        new_state = (trace.transpose(0, 1), window)
-        if track:
-            return synch, new_state, torch.stack(pre_track), torch.stack(post_track)
-        return synch, new_state
+        extras = {"pre_activations": torch.stack(pre_track), "post_activations": torch.stack(post_track)} if track else {}
+        return ModelOutput(self.synchronisation(window), state=(trace.transpose(0, 1), window), extras=extras)
 
 
 def layer_init(layer: nn.Linear, std: float = float(np.sqrt(2)), bias: float = 0.0) -> nn.Linear:
@@ -296,9 +308,17 @@ class CTMActorCritic(PretrainedMixin, nn.Module):
     """The official PPO agent around `ctm_rl`: actor (action logits) and critic (value) MLPs on the output
     synchronisation. Submodule names follow the official `Agent` (`recurrent_model`, `actor`, `critic`).
 
-    `forward(obs, state=None, first=None) -> (logits (B, A), value (B,), state)`; `first` (B,) bool marks
-    observations that start an episode, whose state is reset to the learned start before the step.
+    `forward(obs, state=None)` -> ModelOutput: `.logits` the action logits (B, A), `.value` (B,), `.state`. The
+    harness resets a row's state to the learned start (`initial_state`) when its episode begins.
     """
+
+    reads = ("observation",)
+    predicts = ("discrete_actions", "continuous_actions")
+    has_value = True  # the critic is part of the agent: the harness adds none
+
+    @classmethod
+    def spec_kwargs(cls, spec: DataSpec, kwargs: dict) -> dict:
+        return {"obs_dim": spec.in_features, "num_actions": spec.classes, **kwargs}
 
     def __init__(self, obs_dim: int = 4, num_actions: int = 2, iterations: int = 1, d_model: int = 128,
                  d_input: int = 128, n_synch_out: int = 16, synapse_depth: int = 1, memory_length: int = 10,
@@ -315,20 +335,10 @@ class CTMActorCritic(PretrainedMixin, nn.Module):
         self.actor = mlp_head(size, num_actions, head_hidden)
         self.critic = mlp_head(size, 1, head_hidden)
 
-    def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.recurrent_model.initial_state(batch)
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        return self.recurrent_model.initial_state(batch_size, device)
 
-    def reset(self, state: tuple[torch.Tensor, torch.Tensor], first: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The state with the rows where `first` is set replaced by the learned start state."""
-        start = self.initial_state(len(first))
-        keep = (~first.bool()).view(-1, 1, 1).to(state[0].dtype)
-        return tuple(keep * s + (1 - keep) * s0 for s, s0 in zip(state, start))
-
-    def forward(self, obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                first: torch.Tensor | None = None):
-        if state is None:
-            state = self.initial_state(obs.size(0))
-        elif first is not None:
-            state = self.reset(state, first)
-        synch, state = self.recurrent_model(obs, state)
-        return self.actor(synch), self.critic(synch).squeeze(-1), state
+    def forward(self, obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
+        core = self.recurrent_model(obs, state)
+        synch = core.logits
+        return ModelOutput(self.actor(synch), value=self.critic(synch).squeeze(-1), state=core.state)

@@ -26,10 +26,9 @@ the last entry, the normalised elapsed time t / time_scale in [0, 1] (gymnasium'
 normalize_time=True; the official Tonic runs appended TimeFeature in [-1, 1] and mapped it back the same way).
 The circuit reads raw observations; policies that want normalised inputs carry their own `RunningNorm`.
 
-Also here, for every control policy in the zoo: `GaussianHead` (a state-independent Normal around a
-deterministic policy's output, fixed or learned std; PPO's NCAP uses a fixed 0.1 as in the official code),
-`RunningNorm` (observation normalisation whose statistics are saved with the weights) and `mlp_policy`, the
-MLP baseline (models/baselines.py's MLP with tanh layers, 64x64 or 256x256, behind a RunningNorm).
+As a zoo model NCAP reads a swimmer's observation (`DataSpec` input "observation" with `n_links` and
+`joint_offset` in its extras) and predicts continuous actions; `.logits` of its `ModelOutput` are the torques.
+The harness (`biozoo.train.policy.as_policy`) adds the exploration noise and a critic for training.
 """
 
 from __future__ import annotations
@@ -39,9 +38,10 @@ import math
 import torch
 from torch import nn
 
+from biozoo._core import DataSpec, ModelOutput, SpecError
+
 from ._hub import PretrainedMixin
 from ._registry import register_model
-from .baselines import MLP
 from .errors import BiozooError, check_shape
 
 
@@ -54,7 +54,17 @@ def graded(x: torch.Tensor) -> torch.Tensor:
 
 @register_model(name="ncap")
 class NCAP(PretrainedMixin, nn.Module):
-    """The swimmer circuit (module docstring). forward(obs (B, D)) -> torques (B, J)."""
+    """The swimmer circuit (module docstring). forward(obs (B, D)) -> ModelOutput with torques (B, J) as logits."""
+
+    reads = ("observation",)
+    predicts = ("continuous_actions",)
+
+    @classmethod
+    def spec_kwargs(cls, spec: DataSpec, kwargs: dict) -> dict:
+        if "n_links" not in spec.extras:
+            raise SpecError(f"ncap cannot take {spec.describe_input()} without a body: it reads a swimmer's joint "
+                            "angles (a task with n_links)")
+        return {"n_links": spec.extras["n_links"], "joint_offset": spec.extras.get("joint_offset", 0), **kwargs}
 
     def __init__(self, n_links: int = 6, oscillator_period: int = 60, weight_sharing: bool = True,
                  sign_constraints: bool = True, constant_init: bool = True, proprioception: bool = True,
@@ -111,7 +121,7 @@ class NCAP(PretrainedMixin, nn.Module):
         return {name: (self.inhibitory(p) if name == "muscle_contra" else self.excitatory(p)).detach()
                 for name, p in self.named_parameters()}
 
-    def forward(self, obs: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, timestep: torch.Tensor | None = None) -> ModelOutput:
         j, start = self.n_joints, self.joint_offset
         check_shape("ncap", obs, f"(B, D) with D >= {start + j + 1}: joint angles at [{start}:{start + j}] and the "
                     "normalised time last", obs.dim() == 2 and obs.shape[1] >= start + j + 1)
@@ -136,71 +146,7 @@ class NCAP(PretrainedMixin, nn.Module):
         contra_d, contra_v = self.sides(self.inhibitory(self.muscle_contra))
         m_d = graded(b_d * ipsi_d + b_v * contra_d)
         m_v = graded(b_v * ipsi_v + b_d * contra_v)
-        return m_d - m_v
-
-
-# Pieces every control policy shares ---------------------------------------------------------------------------
-
-class GaussianHead(nn.Module):
-    """A state-independent Normal(mean, std) around a deterministic policy's output; `learn_std` makes
-    log(std) a trained parameter, otherwise it stays fixed."""
-
-    def __init__(self, action_dim: int, std: float = 0.1, learn_std: bool = False):
-        super().__init__()
-        self.log_std = nn.Parameter(torch.full((action_dim,), math.log(std)), requires_grad=learn_std)
-
-    def forward(self, mean: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
-
-
-class RunningNorm(nn.Module):
-    """Observation normalisation with running mean and variance (parallel Welford update), clipped to +-clip.
-    The statistics are buffers: they are saved and loaded with the policy's weights."""
-
-    def __init__(self, size: int, clip: float = 10.0, eps: float = 1e-8):
-        super().__init__()
-        self.clip, self.eps = clip, eps
-        self.register_buffer("mean", torch.zeros(size))
-        self.register_buffer("var", torch.ones(size))
-        self.register_buffer("count", torch.tensor(0.0))
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.mean.numel()).to(self.mean.dtype)
-        n = x.shape[0]
-        if n == 0:
-            return
-        mean, var = x.mean(0), x.var(0, unbiased=False)
-        total = self.count + n
-        delta = mean - self.mean
-        m2 = self.var * self.count + var * n + delta.square() * self.count * n / total
-        self.mean += delta * n / total
-        self.var.copy_(m2 / total)
-        self.count.copy_(total)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
-
-
-@register_model(name="mlp_policy")
-class MLPPolicy(PretrainedMixin, nn.Module):
-    """The MLP baseline policy: RunningNorm -> MLP (tanh) -> action mean. Orthogonal init (gain sqrt 2, last
-    layer 0.01), as in CleanRL/SB3 PPO. `in_features` = observation size, `num_classes` = action size."""
-
-    def __init__(self, in_features: int = 24, num_classes: int = 5, hidden: list[int] = (64, 64),
-                 activation: str = "tanh"):
-        super().__init__()
-        self.in_features = in_features
-        self.obs_norm = RunningNorm(in_features)
-        self.net = MLP(in_features, num_classes, list(hidden), activation)
-        for m in self.net.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.orthogonal_(m.weight, 0.01 if m is self.net.head else math.sqrt(2))
-                nn.init.zeros_(m.bias)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        check_shape("mlp_policy", obs, f"(B, {self.in_features})", obs.dim() == 2 and obs.shape[1] == self.in_features)
-        return self.net(self.obs_norm(obs))
+        return ModelOutput(m_d - m_v)
 
 
 def transfer_to(policy: nn.Module, n_links: int) -> nn.Module:
@@ -225,10 +171,3 @@ def transfer_to(policy: nn.Module, n_links: int) -> nn.Module:
 def ncap_unshared(n_links: int = 6, oscillator_period: int = 60, joint_offset: int = 0) -> NCAP:
     """NCAP without weight sharing: 6J weights (30 for 6 links); does not transfer across body lengths."""
     return NCAP(n_links, oscillator_period, weight_sharing=False, joint_offset=joint_offset)
-
-
-@register_model
-def mlp_policy_256(in_features: int = 24, num_classes: int = 5) -> MLPPolicy:
-    """The 256x256 MLP of the NCAP paper's videos (mlp256_ppo / mlp256_ddpg)."""
-    return MLPPolicy(in_features, num_classes, [256, 256], "tanh")
-

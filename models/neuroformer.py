@@ -60,23 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biozoo._core import ModelOutput, pack_tokens
+
 from ._hub import PretrainedMixin, first_line
 from ._registry import register_model
 from .errors import BiozooError, CheckpointError, check_shape
 
 BEHAVIOUR_HEADS = ("none", "regression", "classification")
-
-
-def pack_tokens(ids: np.ndarray, dts: np.ndarray, block_size: int, sos: int, eos: int, pad: int,
-                dt_eos: int, dt_pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """The official sequence layout: [SOS] + the last block_size - 2 events + [EOS], padded to block_size + 1
-    tokens; dts [0] + dts + [EOS]. Inputs are [:-1], targets [1:]."""
-    keep = block_size - 2
-    ids, dts = np.asarray(ids, np.int64)[-keep:], np.asarray(dts, np.int64)[-keep:]
-    n_pad = block_size + 1 - (len(ids) + 2)
-    id_seq = np.concatenate([[sos], ids, [eos], np.full(n_pad, pad)]).astype(np.int64)
-    dt_seq = np.concatenate([[0], dts, [dt_eos], np.full(n_pad, dt_pad)]).astype(np.int64)
-    return id_seq, dt_seq
 
 
 def sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -234,6 +224,8 @@ class Neuroformer(PretrainedMixin, nn.Module):
         clip: contrastive alignment between the ID stream and the other modalities; clip_dim defaults to n_embd.
     """
 
+    reads, streams, predicts = ("tokens",), ("spikes",), ("next_token",)
+
     def __init__(self, n_neurons: int = 100, window_bins: int = 5, prev_bins: int = 10, block_size: int = 100,
                  prev_block_size: int = 150, n_embd: int = 128, n_head: int = 4, n_state_layers: int = 1,
                  n_history_layers: int = 1, n_stimulus_layers: int = 1, n_behaviour_layers: int = 1,
@@ -383,8 +375,9 @@ class Neuroformer(PretrainedMixin, nn.Module):
 
     # training forward ----------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Logits for the next ID and dt at every position, CLIP features and the behaviour prediction."""
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        """`.logits` (B, id_vocab, T): the next ID at every position; extras (also `out[name]`): `id_logits`
+        (B, T, V), `dt_logits`, `hidden`, the CLIP features `clip` and `clip_loss`, and `behaviour`."""
         ids, dts = batch["id"], batch["dt"]
         check_shape("neuroformer", ids, f"id (B, <= {self.block_size}) token ids < {self.id_vocab}",
                     ids.dim() == 2 and ids.shape[1] <= self.block_size and int(ids.max()) < self.id_vocab)
@@ -405,7 +398,7 @@ class Neuroformer(PretrainedMixin, nn.Module):
                 out["clip_loss"] = contrastive_loss(out["clip"], self.clip_temp, self.clip_symmetric)
         if self.behaviour_head is not None:
             out["behaviour"] = self.behaviour_head(pooled)
-        return out
+        return ModelOutput(out["id_logits"].transpose(1, 2), extras=out)
 
     # generation --------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import biozoo
+from biozoo._core import DataSpec
+from biozoo.models import kwargs_for_spec
 from biozoo.envs import DigitDrawingDataModule, LineDrawingDataModule, SequentialDigitsDataModule
 from biozoo.envs.ccrnn_tasks import DIGIT_STROKES, digit_template
 from biozoo.models.errors import BiozooError, DataNotFoundError, ShapeError, UnknownNameError
@@ -140,8 +142,9 @@ def test_model_registry_shapes_errors_and_roundtrip(tmp_path):
     assert {"ccrnn", "ccrnn_linedraw", "ccrnn_seqmnist"} <= set(biozoo.list_models("ccrnn*"))
     model = biozoo.create_model("ccrnn_seqmnist", input_size=8)
     assert model.cerebellum.out.weight.abs().sum() == 0 and len(model.cerebellum.hidden) == 2
-    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)  # image rows, last-step readout
-    assert biozoo.create_model("ccrnn_linedraw")(torch.zeros(2, 10, 1)).shape == (2, 10, 2)
+    assert model(torch.rand(2, 1, 8, 8)).logits.shape == (2, 10)  # image rows, last-step readout
+    assert biozoo.create_model("ccrnn_linedraw")(torch.zeros(2, 10, 1)).logits.shape == (2, 2, 10)  # (B, O, T)
+    assert biozoo.create_model("ccrnn_linedraw")(torch.zeros(2, 10)).logits.shape == (2, 2, 10)  # (B, T) as (B, T, 1)
     assert sum(p.numel() for p in biozoo.create_model("ccrnn_linedraw").cerebellum.parameters()) == 240_900
     with pytest.raises(ShapeError, match="ccrnn expects"):
         model(torch.zeros(2, 8, 5))
@@ -159,8 +162,10 @@ def test_model_registry_shapes_errors_and_roundtrip(tmp_path):
 def test_line_drawing_data():
     dm = LineDrawingDataModule(num_train=100, num_test=20)
     dm.setup()
-    assert dm.dims == {"input_size": 1, "output_size": 2, "seq_len": 10, "objective": "regression",
-                       "feedback_every": 2}
+    assert dm.spec == DataSpec("sequence", (10, 1), "regression", target_dim=2, positions=(10,),
+                               extras={"objective": "regression", "feedback_every": 2})
+    assert {k: dm.dims[k] for k in ("input_size", "seq_len", "objective", "feedback_every")} == \
+        {"input_size": 1, "seq_len": 10, "objective": "regression", "feedback_every": 2}
     x, y = dm.train_set.tensors
     assert x.shape == (80, 10, 1) and y.shape == (80, 10, 2) and len(dm.val_set) == 20
     assert x[:, 1:].abs().max() == 0 and torch.allclose(y[:, 0], torch.zeros(2))
@@ -198,8 +203,9 @@ def test_digit_templates_and_drawing_data():
 def test_sequential_digits_data_and_mnist_files(tmp_path):
     rows = SequentialDigitsDataModule()
     rows.setup()
-    assert rows.dims == {"input_size": 8, "output_size": 10, "seq_len": 8, "objective": "classification",
-                         "feedback_every": 1, "num_classes": 10, "readout": "last"}
+    assert rows.spec == DataSpec("sequence", (8, 8), "classes", num_classes=10,
+                                 extras={"objective": "classification", "feedback_every": 1})
+    assert kwargs_for_spec("ccrnn", rows.spec) == {"input_size": 8, "output_size": 10, "readout": "last"}
     pairs = SequentialDigitsDataModule(step_pixels=2)
     pairs.setup()
     assert torch.equal(pairs.train_set.tensors[0].reshape(-1, 8, 8), rows.train_set.tensors[0])
@@ -264,7 +270,7 @@ def test_cli_fit_export_and_reload(tmp_path):
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model"] == "ccrnn_linedraw" and config["kwargs"]["truncation"] == 1
     model = biozoo.load_pretrained(tmp_path / "export")
-    assert model(torch.zeros(1, 10, 1)).shape == (1, 10, 2) and model.cerebellum is not None
+    assert model(torch.zeros(1, 10, 1)).logits.shape == (1, 2, 10) and model.cerebellum is not None
 
 
 def test_seqmnist_config_runs_on_mnist_files(tmp_path):
@@ -290,12 +296,12 @@ def test_shipped_weights_reproduce_their_cards():
     dm.setup()
     x, y = dm.test_set.tensors
     with torch.no_grad():
-        acc = float((model(x).argmax(-1) == y).float().mean())
+        acc = float((model(x).logits.argmax(-1) == y).float().mean())
     assert acc == pytest.approx(model.pretrained_cfg.metrics["test_acc"], abs=2e-3)
     model = biozoo.create_model("ccrnn_linedraw.lines7")
     lines = LineDrawingDataModule()
     lines.setup()
     x, y = lines.test_set.tensors
     with torch.no_grad():
-        deviation = float(trajectory_deviation(model(x), y).mean())
+        deviation = float(trajectory_deviation(model(x).logits.transpose(1, 2), y).mean())
     assert deviation == pytest.approx(model.pretrained_cfg.metrics["test_deviation"], abs=2e-3)

@@ -49,7 +49,7 @@ def test_quickstart_trains_a_useful_model_and_exports(tmp_path):
     dm.setup()
     x, y = dm.test_set.tensors
     with torch.no_grad():
-        accuracy = (model(x).argmax(1) == y).float().mean().item()
+        accuracy = (model(x).logits.argmax(1) == y).float().mean().item()
     assert accuracy >= 0.93
 
     test = run_biozoo("test", "-c", QUICKSTART, "--trainer.default_root_dir", str(root),

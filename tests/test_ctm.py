@@ -304,3 +304,43 @@ def test_fit_cli_parity_smoke(tmp_path):
     model = biozoo.load_pretrained(ckpt)  # what `biozoo export` reads
     assert model.iterations == 4 and model.out_dims == 32 and model.prediction_reshaper == [16, 2]
     assert math.isfinite(model(parity_batch(2, 16)[0]).predictions.sum().item())
+
+
+@pytest.mark.parametrize("kwargs, x", [
+    (dict(heads=2, n_synch_action=6, backbone_type="resnet18-1", in_channels=1, num_classes=10,
+          neuron_select_type="random-pairing"), lambda: torch.randn(3, 1, 8, 8)),
+    (dict(heads=2, n_synch_action=4, backbone_type="parity_backbone", positional_embedding_type="custom-rotational-1d",
+          out_dims=16, prediction_reshaper=[8, 2], neuron_select_type="random"), lambda: torch.randn(3, 8).sign()),
+    (dict(heads=0, n_synch_action=0, backbone_type="none", d_input=6, num_classes=7, neuron_select_type="first-last"),
+     lambda: torch.randn(3, 6)),
+], ids=["image", "parity", "features"])
+def test_forward_equals_the_reference_equations(kwargs, x):
+    torch.manual_seed(0)
+    model = biozoo.create_model("ctm", **{"iterations": 4, "d_model": 16, "d_input": 8, "n_synch_out": 6,
+                                          "memory_length": 3, **kwargs}).eval()
+    x = x()
+    with torch.no_grad():
+        fast, reference = model(x), model.forward_reference(x)
+    assert torch.allclose(fast.predictions, reference.predictions, atol=1e-6)
+    assert torch.allclose(fast.certainties, reference.certainties, atol=1e-6)
+    assert torch.allclose(fast.synchronisation, reference.synchronisation, atol=1e-6)
+
+
+def test_a_carried_state_continues_the_thought():
+    from biozoo._core import is_recurrent, reset_state
+
+    torch.manual_seed(0)
+    model = biozoo.create_model("ctm", iterations=3, d_model=16, d_input=6, heads=0, n_synch_out=4, n_synch_action=0,
+                                backbone_type="none", num_classes=3, memory_length=4).eval()
+    x = torch.randn(2, 6)
+    start = model.initial_state(2)
+    assert is_recurrent(model)
+    with torch.no_grad():
+        assert torch.equal(model(x).predictions, model(x, state=start).predictions)  # the start is the default
+        first = model(x, state=start)
+        second = model(x, state=first.state)
+        assert not torch.allclose(second.predictions, first.predictions)  # it thinks on from where it stopped
+        reset = reset_state(second.state, start, torch.tensor([True, False]))
+        assert torch.equal(reset[0][0], start[0][0]) and torch.equal(reset[1][1], second.state[1][1])
+        again = model(x, state=reset)
+    assert torch.allclose(again.predictions[0], first.predictions[0])

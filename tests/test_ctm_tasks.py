@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 import biozoo
+from biozoo._core import ModelOutput
 from biozoo.envs import mazes
 from biozoo.envs.qamnist import MINUS, PLUS, QAMNISTBatches, QAMNISTDataModule, make_question
 from biozoo.models.errors import DataNotFoundError, ShapeError
@@ -150,8 +151,12 @@ def test_maze_loss_matches_the_official_curriculum():
     loss, chosen, upto = ctm_tasks.maze_loss(predictions, certainties, targets, lookahead=5)
     assert torch.allclose(loss, reference_maze_loss(predictions, certainties, targets, 5))
     assert upto.tolist() == [max(2 * b - 1, 0) + 5 for b in range(B)]
-    out = ctm_tasks.ctm_maze_loss((predictions.flatten(1, 2), certainties), targets)
+    ticks_logits = predictions.transpose(1, 2)  # (B, 5, L, T), the shared layout
+    out = ctm_tasks.ctm_maze_loss(ModelOutput(ticks_logits[..., -1], ticks_logits, certainties), targets)
     assert out.logits.shape == (B, 5, L) and 0 <= out.extras["prefix"] <= L
+    assert torch.allclose(out.loss, loss)
+    one_tick = ctm_tasks.ctm_maze_loss(ModelOutput(ticks_logits[..., 0]), targets)  # a model without ticks
+    assert torch.allclose(one_tick.loss, ctm_tasks.maze_loss(predictions[..., :1], torch.ones(B, 2, 1), targets)[0])
 
 
 class OracleMazeModel(nn.Module):
@@ -252,11 +257,13 @@ def test_rl_core_carries_the_post_activation_window():
     model = biozoo.create_model("ctm_rl", obs_dim=4, iterations=2, d_model=24, d_input=8, n_synch_out=6,
                                 memory_length=5, memory_hidden_dims=4)
     obs = torch.randn(3, 4)
-    synch, (trace, window) = model(obs)
+    out = model(obs)
+    synch, (trace, window) = out.logits, out.state
     assert synch.shape == (3, 21) and trace.shape == window.shape == (3, 24, 5)
     start = model.initial_state(3)[1]
     assert torch.equal(window[..., :3], start[..., 2:])  # 2 ticks slid the window by 2
-    synch2, (_, window2) = model(obs, (trace, window))
+    out2 = model(obs, (trace, window))
+    synch2, (_, window2) = out2.logits, out2.state
     assert torch.equal(window2[..., :3], window[..., 2:]) and not torch.allclose(synch2, synch)
 
 
@@ -277,10 +284,10 @@ def test_pretrained_maze_model_loads_and_still_solves(card_path):
 
 
 def test_pretrained_masked_cartpole_agent_balances():
-    from biozoo.train.ctm_rl import evaluate_recurrent
+    from biozoo.train.policy import evaluate
 
     agent = biozoo.create_model("ctm_rl_agent.cartpole_masked")
-    returns = evaluate_recurrent(agent, "biozoo/CartPoleMasked-v1", episodes=5, seed=10_000)
+    returns = evaluate(agent, "biozoo/CartPoleMasked-v1", episodes=5, seed=10_000)
     assert np.mean(returns) >= 195
 
 
@@ -288,7 +295,9 @@ def test_masked_control_envs_and_one_recurrent_ppo_update():
     import gymnasium as gym
     import lightning as L
 
-    from biozoo.train.ctm_rl import DiscreteEnvDataModule, RecurrentPPOTask, evaluate_recurrent
+    from biozoo.envs.control import EnvDataModule
+    from biozoo.train.control import ControlTask
+    from biozoo.train.policy import evaluate
 
     env = gym.make("biozoo/CartPoleMasked-v1")
     obs, _ = env.reset(seed=0)
@@ -296,16 +305,19 @@ def test_masked_control_envs_and_one_recurrent_ppo_update():
         obs, *_ = env.step(1)
     assert obs[1] == 0 and obs[3] == 0 and obs[0] != 0 and env.spec.max_episode_steps == 200
     torch.manual_seed(0)
-    dm = DiscreteEnvDataModule(num_envs=4, rollouts_per_epoch=1)
-    task = RecurrentPPOTask(data_dims=dm.dims, total_env_steps=40, steps_per_env=10, eval_episodes=2,
-                            model_kwargs=dict(d_model=16, d_input=8, n_synch_out=4, memory_length=3))
+    dm = EnvDataModule("biozoo/CartPoleMasked-v1", num_envs=4, rollouts_per_epoch=1)
+    assert dm.spec.target == "discrete_actions" and dm.spec.shape == (4,) and not dm.time_feature
+    task = ControlTask("ctm_rl_agent", data_dims=dm.dims, total_env_steps=40, eval_episodes=2, report=False,
+                       ppo={"steps_per_env": 10, "epochs": 1, "minibatches": 2, "clip": 0.1, "ent_coef": 0.1},
+                       model_kwargs=dict(d_model=16, d_input=8, n_synch_out=4, memory_length=3))
+    assert task.policy.recurrent and task.policy.critic is None  # the agent's own critic head
     before = [p.detach().clone() for p in task.model.parameters()]
     trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(task, datamodule=dm)
     assert task.env_steps == 40 and "val/return" in trainer.callback_metrics
     assert any(not torch.equal(a, b) for a, b in zip(before, task.model.parameters()))
-    returns = evaluate_recurrent(task.model, "biozoo/CartPoleMasked-v1", episodes=3)
+    returns = evaluate(task.model, "biozoo/CartPoleMasked-v1", episodes=3)
     assert len(returns) == 3 and all(1 <= r <= 200 for r in returns)
 
 

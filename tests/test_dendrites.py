@@ -80,7 +80,7 @@ def test_wrapping_is_free_and_a_new_dendrite_changes_nothing():
     torch.manual_seed(0)
     model = biozoo.create_model("mlp", in_features=64, num_classes=10, hidden=[8])
     x = torch.randn(5, 64)
-    before, params, keys = model(x), list(model.parameters()), list(model.state_dict())
+    before, params, keys = model(x).logits, list(model.parameters()), list(model.state_dict())
     modules = [id(m) for m in model.modules()]
     add_dendrites(model)
     # no copy, no hook, no new module or tensor: the wrapped model with 0 dendrites is the model
@@ -88,14 +88,14 @@ def test_wrapping_is_free_and_a_new_dendrite_changes_nothing():
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     assert list(model.state_dict()) == keys
     assert all(not m._forward_hooks for m in model.modules())
-    assert torch.equal(model(x), before)
+    assert torch.equal(model(x).logits, before)
     assert add_dendrite_set(model) == (64 * 8 + 8 + 8) + (8 * 10 + 10 + 10)  # node + v per layer
     assert add_dendrite_set(model) == (64 * 8 + 8 + 8 + 8) + (8 * 10 + 10 + 10 + 10)  # + cascade from set 0
     assert dendrite_counts(model) == {"features.0": 2, "head": 2}
-    assert torch.allclose(model(x), before, atol=1e-6)  # v = 0 and c = 0: still the same function
+    assert torch.allclose(model(x).logits, before, atol=1e-6)  # v = 0 and c = 0: still the same function
     assert "features.0.weight" in model.state_dict() and "head.dendrites.sets.1.cascade" in model.state_dict()
     set_random(model)
-    assert not torch.allclose(model(x), before, atol=1e-3)
+    assert not torch.allclose(model(x).logits, before, atol=1e-3)
 
 
 @pytest.mark.parametrize("make,shape", [

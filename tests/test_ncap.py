@@ -15,9 +15,13 @@ from gymnasium.utils.env_checker import check_env
 import biozoo.envs  # noqa: F401  (registers biozoo/Swimmer-v0)
 from biozoo.envs.swimmer import SwimmerEnv
 from biozoo.models import BiozooError, CheckpointError, create_model, list_pretrained, load_pretrained
-from biozoo.models.ncap import NCAP, GaussianHead, RunningNorm, graded, transfer_to
-from biozoo.train.control import (centered_ranks, evaluate, fit_policy, gae, make_vec_env, rollout,
-                                  transfer_returns)
+from biozoo.envs.control import make_vec_env
+from biozoo.models.baselines import RunningNorm
+from biozoo.models.ncap import NCAP, graded, transfer_to
+from biozoo.train.control import fit_policy, rollout, transfer_returns
+from biozoo.train.es import centered_ranks
+from biozoo.train.policy import GaussianHead, evaluate
+from biozoo.train.ppo import gae
 
 from conftest import run_biozoo
 
@@ -153,12 +157,12 @@ def test_ncap_hand_computed_torques():
     q = model.joint_limit
     obs = obs_for([0.5 * q, -1.0 * q, 0.0], step=0)
     # joint 0: oscillator dorsal -> +1; joint 1: s_d(joint 0) = 0.5 -> +0.5; joint 2: s_v(joint 1) = 1 -> -1
-    assert torch.allclose(model(obs), torch.tensor([[1.0, 0.5, -1.0]]))
+    assert torch.allclose(model(obs).logits, torch.tensor([[1.0, 0.5, -1.0]]))
     obs = obs_for([0.5 * q, -1.0 * q, 0.0], step=30)  # second half of the 60-step period: ventral
-    assert torch.allclose(model(obs), torch.tensor([[-1.0, 0.5, -1.0]]))
+    assert torch.allclose(model(obs).logits, torch.tensor([[-1.0, 0.5, -1.0]]))
     obs = obs_for([0.0, 0.0, 0.0], step=61)
-    assert torch.allclose(model(obs), torch.tensor([[1.0, 0.0, 0.0]]))
-    assert torch.allclose(NCAP(4, oscillator_period=20)(obs_for([0, 0, 0], step=10)), torch.tensor([[-1.0, 0, 0]]))
+    assert torch.allclose(model(obs).logits, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(NCAP(4, oscillator_period=20)(obs_for([0, 0, 0], step=10)).logits, torch.tensor([[-1.0, 0, 0]]))
 
 
 def test_parameter_counts_and_ablations():
@@ -166,9 +170,9 @@ def test_parameter_counts_and_ablations():
     assert create_model("ncap", n_links=13).num_parameters() == 4
     assert create_model("ncap_unshared", n_links=6).num_parameters() == 30  # 6J
     assert NCAP(6, proprioception=False).num_parameters() == 3
-    head_only = NCAP(6, proprioception=False)(obs_for([0.5] * 5, step=0))
+    head_only = NCAP(6, proprioception=False)(obs_for([0.5] * 5, step=0)).logits
     assert head_only[0, 0] == 1 and torch.all(head_only[0, 1:] == 0)
-    assert NCAP(6, head_oscillator=False)(obs_for([0.0] * 5, step=0)).abs().sum() == 0
+    assert NCAP(6, head_oscillator=False)(obs_for([0.0] * 5, step=0)).logits.abs().sum() == 0
     assert create_model("mlp_policy", in_features=24, num_classes=5).num_parameters(True) == 24 * 64 + 64 * 64 + 64 * 5 + 64 + 64 + 5
     assert create_model("mlp_policy_256", in_features=24, num_classes=5).num_parameters(True) == 73_477  # the NCAP paper's MLP with the time feature
 
@@ -181,14 +185,14 @@ def test_sign_constraints_and_init():
     obs = obs_for([0.3, -0.2, 0.5, 0.1, -0.4], step=3)
     with torch.no_grad():
         model.prop.fill_(-2.0)  # an excitatory weight below zero acts as zero
-    clamped = model(obs)
+    clamped = model(obs).logits
     with torch.no_grad():
         model.prop.fill_(0.0)
-    assert torch.equal(clamped, model(obs))
+    assert torch.equal(clamped, model(obs).logits)
     free = NCAP(6, sign_constraints=False)
     with torch.no_grad():
         free.prop.fill_(-2.0)
-    assert not torch.equal(free(obs), clamped)
+    assert not torch.equal(free(obs).logits, clamped)
     unsigned = NCAP(13, weight_sharing=False, sign_constraints=False)
     assert set(unsigned.muscle_ipsi.flatten().tolist()) == {-1.0, 1.0}
     uniform = NCAP(13, weight_sharing=False, constant_init=False)
@@ -203,7 +207,7 @@ def test_graded_passes_gradient_at_its_bounds():
     assert torch.equal(y.detach(), x.detach().clamp(0, 1))
     assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]))
     model = NCAP(6)  # constant init puts the head B-neuron exactly at 1: the oscillator weight still learns
-    model(obs_for([0.1, -0.2, 0.3, 0.1, 0.0], step=0)).sum().backward()
+    model(obs_for([0.1, -0.2, 0.3, 0.1, 0.0], step=0)).logits.sum().backward()
     assert model.osc.grad.abs().item() > 0
 
 
@@ -217,7 +221,7 @@ def test_weights_transfer_across_body_lengths(tmp_path):
         moved = load_pretrained(tmp_path / "ncap6", n_links=n)
         assert moved.n_links == n and moved.joint_limit == pytest.approx(2 * math.pi / n)
         assert all(torch.equal(a, b) for a, b in zip(moved.parameters(), model.parameters()))
-        assert moved(obs_for([0.1] * (n - 1), step=5)).shape == (1, n - 1)
+        assert moved(obs_for([0.1] * (n - 1), step=5)).logits.shape == (1, n - 1)
         assert torch.equal(transfer_to(model, n).prop, model.prop)
     with pytest.raises(CheckpointError, match="shape mismatch"):
         transfer_to(create_model("ncap_unshared", n_links=6), 9)
@@ -313,8 +317,8 @@ def test_ppo_anneals_a_fixed_std_and_the_learning_rate():
                      rollouts_per_epoch=2, initial_eval=False, action_std=0.5, action_std_final=0.1,
                      scheduler="cosine", lr=0.01, ppo={"steps_per_env": 64})
     # the second (last) rollout starts at 128 of 256 steps: std = 0.5^(1/2) * 0.1^(1/2)
-    assert ppo.noise.log_std.exp().mean().item() == pytest.approx(math.sqrt(0.05), rel=1e-5)
-    assert ppo.optimizers()[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine to 0 in 2 rollouts
+    assert ppo.policy.noise.log_std.exp().mean().item() == pytest.approx(math.sqrt(0.05), rel=1e-5)
+    assert ppo.optimizers().param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine to 0 in 2 rollouts
     with pytest.raises(BiozooError, match="action_std_final"):
         fit_policy("ncap", env_kwargs={"n_links": 3}, learn_std=True, action_std_final=0.1, total_env_steps=64)
 

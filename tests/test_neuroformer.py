@@ -11,7 +11,7 @@ import torch
 from biozoo.envs.spikes import (SpikeData, SpikesDataModule, SpikeTokenizer, SpikeWindows, collate_windows,
                                 events_from_counts, load_nwb, load_official, load_spikes, save_spikes, simulate,
                                 window_ends)
-from biozoo.models import create_model, load_pretrained
+from biozoo.models import create_model, kwargs_for_spec, load_pretrained
 from biozoo.models.errors import BiozooError, CheckpointError, ShapeError
 from biozoo.models.neuroformer import Neuroformer, contrastive_loss, init_from_pretrained
 from biozoo.train.neuroformer import (NeuroformerTask, attention_connectivity, connectivity_auroc, lagged_lift,
@@ -35,7 +35,7 @@ def small_dm(tmp_path_factory, small_data) -> SpikesDataModule:
 
 def tiny_model(dm: SpikesDataModule, **kwargs) -> Neuroformer:
     torch.manual_seed(0)
-    dims = {k: v for k, v in dm.dims.items()}
+    dims = kwargs_for_spec("neuroformer", dm.spec)  # what the CLI derives from the data
     return Neuroformer(**{**dims, "n_embd": 32, "n_head": 2, "patch_size": [3, 4, 4], **kwargs}).eval()
 
 

@@ -183,8 +183,10 @@ def test_every_config_parses_from_any_folder(config, tmp_path, monkeypatch, caps
     repo_paths = [s for s in strings(text) if s.split("/")[0] in ("models", "configs", "benchmarks", "tests")]
     assert not repo_paths, f"{config.name} names files by repo-relative paths (use a registered tag): {repo_paths}"
     monkeypatch.chdir(tmp_path)
+    # a model config composes with a task config (configs/tasks/ holds the task, data and trainer)
+    task = ["-c", str(REPO / "configs/tasks/digits.yaml")] if config.parent.name == "models" else []
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "-c", str(config), "--print_config"])
+        main(["fit", *task, "-c", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
@@ -223,3 +225,21 @@ def test_two_process_ddp_validates_the_whole_set_and_resumes(tmp_path):
     assert f"resuming from {last}" in resumed.stdout and "Restored all states" in resumed.stdout + resumed.stderr
     assert torch.load(tmp_path / "version_2" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["version_0", "version_1", "version_2"]
+
+
+def test_the_model_a_fit_leaves_is_its_best(tmp_path):
+    """RestoreBest: after fit the task holds the best checkpoint's weights. Monitoring val/acc with mode "min" makes
+    the "best" the first epoch's, so it is not simply the last state."""
+    from biozoo.train.cli import BiozooCLI
+
+    cli = BiozooCLI(args=["fit", "-c", QUICKSTART, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=4",
+                          "--checkpoint.monitor=val/acc", "--checkpoint.mode=min", "--trainer.enable_progress_bar=false",
+                          "--trainer.enable_model_summary=false"])
+    best = cli.trainer.checkpoint_callback.best_model_path
+    restored = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RestoreBest")
+    assert restored.restored == best
+    state = torch.load(best, weights_only=True)["state_dict"]
+    last = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["state_dict"]
+    assert best != cli.trainer.checkpoint_callback.last_model_path
+    assert not all(torch.equal(v, last[k]) for k, v in state.items())
+    assert all(torch.equal(v, cli.model.state_dict()[k]) for k, v in state.items())

@@ -33,13 +33,13 @@ def test_wrapped_model_starts_equal_to_base_in_both_modes(activation):
     base = mlp(activation)
     x = torch.randn(256, 64) * 4
     with torch.no_grad():
-        ref = base(x)
+        ref = base(x).logits
     model = TauGate.wrap(base)
     for mode in ("soft", "hard"):
         for training in (True, False):
             model.train(training).set_mode(mode)
             with torch.no_grad():
-                out = model(x)
+                out = model(x).logits
             assert (out - ref).abs().max() < 1e-5, (mode, training)
             if mode == "hard":
                 assert torch.equal(out, ref)  # the hard gate passes every value: exactly the base
@@ -47,7 +47,7 @@ def test_wrapped_model_starts_equal_to_base_in_both_modes(activation):
     model.set_mode("soft")
     with torch.no_grad():
         model.gates[0].tau.fill_(0.5)
-        assert (model(x) - ref).abs().max() > 1e-2
+        assert (model(x).logits - ref).abs().max() > 1e-2
 
 
 def test_gate_formulas_soft_and_hard():
@@ -84,11 +84,11 @@ def test_surrogate_gradient_moves_tau_from_the_saturated_start():
     model = TauGate.wrap(mlp())
     x = torch.randn(64, 64)
     model.train()
-    model(x).pow(2).sum().backward()
+    model(x).logits.pow(2).sum().backward()
     assert model.gates[0].tau.grad.abs().max() > 1e-3  # exact sigmoid slope here is ~e^-16: tau would be stuck
     assert model.gates[0].gamma.grad.abs().max() > 1e-3
     exact = TauGate.wrap(mlp(), surrogate_width=0.0)
-    exact(x).pow(2).sum().backward()
+    exact(x).logits.pow(2).sum().backward()
     assert exact.gates[0].tau.grad.abs().max() < 1e-4
 
 
@@ -113,7 +113,7 @@ def test_conv_channels_are_gated_per_channel():
     x = torch.randn(5, 1, 8, 8)
     ref = base(x)
     model = TauGate.wrap(base).eval()
-    assert torch.equal(model(x), ref)
+    assert torch.equal(model(x), ref)  # a user's own nn.Module keeps its own output type
     assert model.parameter_counts()["trainable"] == 2 * (6 + 4)
     with torch.no_grad():
         model.gates[0].gamma[2] = 0.0  # silence channel 2: its whole feature map goes to zero
@@ -131,12 +131,12 @@ def test_training_changes_only_the_gates():
     x = torch.rand(128, 64)
     with torch.no_grad():
         model.gates[1].gamma.copy_(torch.rand(256) * 2)
-        target = model(x)
+        target = model(x).logits
         model.gates[1].gamma.fill_(1.0)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.03)
     losses = []
     for _ in range(150):
-        loss = nn.functional.mse_loss(model(x), target)
+        loss = nn.functional.mse_loss(model(x).logits, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -148,13 +148,13 @@ def test_training_changes_only_the_gates():
 def test_adapters_switch_modes_and_return_exactly_to_base(tmp_path):
     base = mlp()
     x = torch.randn(64, 64)
-    ref = base(x).detach()
+    ref = base(x).logits.detach()
     model = TauGate.wrap(base).eval()
     with torch.no_grad():
         for gate in model.gates:
             gate.tau.uniform_(0.0, 0.5)
             gate.gamma.uniform_(0.5, 1.5)
-    mode_a = model(x).detach()
+    mode_a = model(x).logits.detach()
     model.save_adapter(tmp_path / "a")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["adapter.safetensors", "adapter_config.json"]
@@ -170,13 +170,13 @@ def test_adapters_switch_modes_and_return_exactly_to_base(tmp_path):
         other.gates[0].gamma.fill_(2.0)
     other.store_mode("loud")
     other.use_mode("rotated")
-    assert torch.equal(other(x), mode_a)
+    assert torch.equal(other(x).logits, mode_a)
     other.use_mode("loud")
-    assert not torch.allclose(other(x), mode_a)
+    assert not torch.allclose(other(x).logits, mode_a)
     other.use_mode(None)
-    assert torch.equal(other(x), ref) and other.current_mode is None
+    assert torch.equal(other(x).logits, ref) and other.current_mode is None
     other.use_mode("rotated")
-    assert torch.equal(other(x), mode_a)
+    assert torch.equal(other(x).logits, mode_a)
     assert other.base.features[0].weight.data_ptr() == weight_ptr
     with pytest.raises(UnknownNameError, match="unknown TauGate mode 'rotatd'.*Did you mean: rotated"):
         other.use_mode("rotatd")
@@ -199,7 +199,7 @@ def test_portable_save_of_the_whole_wrapped_model(tmp_path):
     model.save_pretrained(tmp_path / "tg")
     loaded = load_pretrained(tmp_path / "tg")
     x = torch.randn(8, 64)
-    assert isinstance(loaded, TauGate) and torch.equal(loaded(x), model(x))
+    assert isinstance(loaded, TauGate) and torch.equal(loaded(x).logits, model(x).logits)
 
 
 def test_active_neurons_class_summary_and_plot(tmp_path):
@@ -279,11 +279,11 @@ def test_peft_methods_train_what_they_should(method, count, peft_lib):
 
     base = mlp()
     x = torch.randn(4, 64)
-    ref = base(x).detach()
+    ref = base(x).logits.detach()
     rank = int(method[4:]) if method.startswith("lora") else 4
     model = apply_peft(base, "lora" if method.startswith("lora") else method, lora_rank=rank)
     assert trainable_count(model) == count
-    assert torch.allclose(model(x), ref, atol=1e-5)  # every method starts from the foundation's function
+    assert torch.allclose(model(x).logits, ref, atol=1e-5)  # every method starts from the foundation's function
 
 
 def test_unknown_method():

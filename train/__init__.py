@@ -21,9 +21,10 @@ _EXPORTS = {
     "BiozooTask": "tasks", "SupervisedTask": "tasks", "build_model": "tasks",
     "PEFTTask": "taugate", "TemperatureAnneal": "taugate",  # TauGate and the PEFT baselines
     "Dendrites": "dendrites",  # the perforated-dendrites callback
-    "ControlTask": "control", "EnvDataModule": "control", "evaluate": "control",  # control harness: PPO / ES
+    "ControlTask": "control",  # the control harness: any model as a policy, trained by PPO or ES
+    "Policy": "policy", "as_policy": "policy", "evaluate": "policy", "PPO": "ppo",
     "CCRNNTask": "ccrnn",
-    "CTMReport": "ctm", "RecurrentPPOTask": "ctm_rl", "DiscreteEnvDataModule": "ctm_rl",
+    "CTMReport": "ctm",
     "NeuroformerTask": "neuroformer",
 }
 # modules that call register_loss at import (ctm, ctm_ctc, ctm_maze, ctm_qamnist, neuroformer, and the built-ins)

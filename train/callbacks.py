@@ -5,6 +5,8 @@
 - `ExceptionCheckpoint`: on Ctrl-C or a crash during training, saves the exact state mid-epoch into the same
   folder. It is used only when resuming is asked for (`--ckpt_path last`); unlike Lightning's
   OnExceptionCheckpoint it does not make a plain `fit` resume, and it writes nothing before the first step.
+- `RestoreBest`: at the end of fit, loads the best checkpoint's weights (by the checkpoint's monitored metric) into
+  the task, so the model a run leaves behind is its best; the one keep-the-best mechanism of every task.
 - `LearningCurvePlot`: at the end of fit, plots the logged metrics to `learning_curve.png` beside
   `metrics.csv` and prints where the checkpoint, metrics and plot are.
 """
@@ -90,6 +92,26 @@ class ExceptionCheckpoint(L.Callback):
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return  # nothing learnt yet (e.g. missing data at setup): nothing worth keeping
         trainer.save_checkpoint(self.ckpt_path(trainer))
+
+
+class RestoreBest(L.Callback):
+    """Loads the weights of the checkpoint callback's best checkpoint into the task at the end of fit (read through
+    the strategy's CheckpointIO: weights-only). A Dendrites callback keeps the best of its cycles itself (the
+    architecture changes from cycle to cycle), so with one present this does nothing."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.restored: str | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+        if not self.enabled or not path or not Path(path).is_file() or trainer.interrupted:
+            return
+        if any(type(cb).__name__ == "Dendrites" for cb in trainer.callbacks):
+            return
+        checkpoint = trainer.strategy.checkpoint_io.load_checkpoint(path)
+        pl_module.load_state_dict(checkpoint["state_dict"])
+        self.restored = path
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:

@@ -33,7 +33,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from biozoo.models.errors import check_choice
+from biozoo._core import check_choice
 
 from .tasks import BiozooTask, build_model
 
@@ -188,24 +188,15 @@ class CCRNNTask(BiozooTask):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The cerebellum in its own group at lr * cerebellum_lr_scale (the paper's slower cerebellar learning)."""
         scale = self.hparams.cerebellum_lr_scale
         if self.model.cerebellum is None or scale == 1.0:
-            return config
-        # move the cerebellum into its own parameter group (and schedule) with lr * scale
-        optimizer = config["optimizer"] if isinstance(config, dict) else config
-        cerebellum = list(self.model.cerebellum.parameters())
+            return super().param_groups()
+        cerebellum = [p for p in self.model.cerebellum.parameters() if p.requires_grad]
         ids = {id(p) for p in cerebellum}
-        main = optimizer.param_groups[0]
-        main["params"] = [p for p in main["params"] if id(p) not in ids]
-        base = main.get("initial_lr", main["lr"])
-        optimizer.add_param_group({"params": cerebellum, "lr": main["lr"] * scale, "initial_lr": base * scale})
-        if isinstance(config, dict):
-            scheduler = config["lr_scheduler"]["scheduler"]
-            scheduler.base_lrs.append(base * scale)
-            scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
-        return config
+        main = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": main}, {"params": cerebellum, "lr": self.hparams.lr * scale}]
 
     def _window_loss(self, y: torch.Tensor, seq_len: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
         mask = feedback_steps(seq_len, self.objective, self.feedback_every)
@@ -266,5 +257,7 @@ class CCRNNTask(BiozooTask):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        out = self.model(x)
-        return out.softmax(-1) if self.objective == "classification" and out.dim() == 2 else out
+        out = self.model(x).logits
+        if self.objective == "classification" and out.dim() == 2:
+            return out.softmax(-1)
+        return out.transpose(1, 2) if out.dim() == 3 else out  # (B, T, O), the layout of the targets

@@ -21,10 +21,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from biozoo.models._hub import first_line
-from biozoo.models.errors import CheckpointError
+from biozoo._core import BiozooError, CheckpointError, first_line
 
-from .callbacks import ExceptionCheckpoint, LearningCurvePlot, RunCheckpoint
+from .callbacks import ExceptionCheckpoint, LearningCurvePlot, RestoreBest, RunCheckpoint
 from .runs import (RESUME_ENV, RUN_DIR_ENV, AtomicCheckpointIO, distributed_run_dir, reserve_run_dir,
                    resolve_ckpt_path, resumable_checkpoints)
 
@@ -71,6 +70,7 @@ class BiozooCLI(LightningCLI):
         # callbacks every run has, each configurable: --checkpoint.monitor val/acc --checkpoint.mode max ...
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ExceptionCheckpoint, "exception_checkpoint")
+        parser.add_lightning_class_args(RestoreBest, "best")
         parser.add_lightning_class_args(LearningCurvePlot, "curve")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
@@ -121,6 +121,17 @@ class BiozooCLI(LightningCLI):
                 init.version = ""  # the version folder is the run's own: no logs/version_N inside it
                 if logger.class_path.endswith("CSVLogger"):
                     init.name = ""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:  # jsonargparse wraps a task's own error in a union-type error
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, BiozooError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
     def _remove_if_empty(self) -> None:
         """A run that failed before it logged or saved anything (bad config, missing data) leaves no folder."""

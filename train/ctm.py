@@ -4,7 +4,7 @@ Losses (registered for `SupervisedTask`):
 - `ctm`: cross-entropy at every tick, (B, T) -- for per-position targets (B, L) (parity) the mean over positions
   first. Per sample the mean of the CE at its min-loss tick t1 and at its most-certain tick t2; the batch mean of
   that. `use_most_certain=False` takes the last tick as t2 (the official LSTM baselines). The scored logits are
-  the most-certain tick's: (B, C), or (B, C, L) per position.
+  the most-certain tick's: (B, C), or (B, C, L) per position. A model without ticks: plain cross-entropy.
 - `ctm_ctc`: sorting, CTC over the ticks with the blank as the last class. Scored logits: the greedy (best-path)
   decoding as one-hot (B, C, N); a decoded sequence shorter than N counts its missing positions wrong.
 
@@ -25,51 +25,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError, ModelOutput, as_output
 
-from .losses import LossOutput, register_loss
-
-
-def per_position(predictions: torch.Tensor, reshaper: Sequence[int] | None) -> bool:
-    return reshaper is not None and len(reshaper) == 2 and reshaper[0] != -1 and predictions.size(1) == reshaper[0] * reshaper[1]
-
-
-def tick_logits(output: Any, ticks: torch.Tensor) -> torch.Tensor:
-    """The logits at one tick per sample: (B, C), or (B, C, L) when the output is reshaped to (L, C)."""
-    predictions = output.predictions
-    chosen = predictions[torch.arange(len(ticks), device=ticks.device), :, ticks]
-    reshaper = output.prediction_reshaper
-    if per_position(predictions, reshaper):
-        return chosen.view(len(ticks), reshaper[0], reshaper[1]).transpose(1, 2)
-    return chosen
-
-
-def tick_losses(output: Any, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample and tick (B, T); averaged over positions for per-position targets."""
-    predictions = output.predictions
-    B, _, T = predictions.shape
-    if target.dim() == 2:
-        if not per_position(predictions, output.prediction_reshaper):
-            raise BiozooError(f"per-position targets {tuple(target.shape)} need a model with prediction_reshaper "
-                              f"[L, C], got {output.prediction_reshaper}")
-        L, C = output.prediction_reshaper
-        logits = predictions.view(B, L, C, T).transpose(1, 2)  # (B, C, L, T)
-        return F.cross_entropy(logits, target.unsqueeze(-1).expand(B, L, T), reduction="none").mean(1)
-    return F.cross_entropy(predictions, target.unsqueeze(-1).expand(B, T), reduction="none")
+from .losses import LossOutput, at_ticks, chosen_ticks, cross_entropy, min_and_certain, register_loss, tick_losses
 
 
 @register_loss("ctm")
-def ctm_loss(output: Any, target: torch.Tensor | None, use_most_certain: bool = True, **_: Any) -> LossOutput:
-    """The official CTM loss: mean of the CE at the min-loss tick and at the most-certain (or last) tick."""
-    certain = output.certainties[:, 1].argmax(-1)
-    if not use_most_certain:
-        certain = torch.full_like(certain, output.predictions.size(-1) - 1)
-    logits = tick_logits(output, certain)
+def ctm_loss(output: ModelOutput, target: torch.Tensor | None, use_most_certain: bool = True,
+             **_: Any) -> LossOutput:
+    """The official CTM loss: mean of the CE at the min-loss tick and at the most-certain (or last) tick. For a
+    model without ticks both are its one output: plain cross-entropy."""
+    ticks_logits, certainties = as_output(output).per_tick()
+    certain = chosen_ticks(certainties, use_most_certain)
+    logits = at_ticks(ticks_logits, certain)
     if target is None:
         return LossOutput(logits.new_zeros(()), logits)
-    losses = tick_losses(output, target)
-    rows = torch.arange(losses.size(0), device=losses.device)
-    loss = (losses[rows, losses.argmin(1)].mean() + losses[rows, certain].mean()) / 2
+    loss = min_and_certain(tick_losses(ticks_logits, target), certain)
     return LossOutput(loss, logits, {"certain_tick": certain.float().mean() + 1})
 
 
@@ -88,9 +59,13 @@ def ctc_greedy_decode(predictions: torch.Tensor, blank: int) -> list[list[int]]:
 
 
 @register_loss("ctm_ctc")
-def ctm_ctc_loss(output: Any, target: torch.Tensor | None, **_: Any) -> LossOutput:
-    """Sorting: CTC over the ticks (blank = last class), as the official `sort_loss`."""
-    predictions = output.predictions
+def ctm_ctc_loss(output: ModelOutput, target: torch.Tensor | None, **_: Any) -> LossOutput:
+    """Sorting: CTC over the ticks (blank = last class), as the official `sort_loss`. A model without ticks has
+    no time to align: it predicts each position directly (logits (B, N + 1, N)), scored by cross-entropy."""
+    output = as_output(output)
+    if output.ticks_logits is None:
+        return cross_entropy(output, target)
+    predictions = output.ticks_logits
     B, C, T = predictions.shape
     length = target.size(1) if target is not None else C - 1
     if T < length:
@@ -119,7 +94,7 @@ THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 def accuracy_at_certain_tick(output: Any, target: torch.Tensor) -> tuple[int, int]:
     """(correct, total) of the argmax at each sample's most-certain tick (per position for (B, L) targets),
     or at its halting tick if it halted early (`CTMOutput.most_certain_tick`)."""
-    logits = tick_logits(output, output.most_certain_tick())
+    logits = at_ticks(output.ticks_logits, output.most_certain_tick())
     correct = (logits.argmax(1) == target).sum().item()
     return int(correct), target.numel()
 
@@ -195,7 +170,7 @@ def plot_neural_dynamics(output: Any, path: str | Path, n_neurons: int = 16, sam
 def plot_tick_curves(output: Any, target: torch.Tensor, path: str | Path) -> Path:
     """Loss, certainty and accuracy per tick (mean over the batch)."""
     plt = _pyplot()
-    losses = tick_losses(output, target).float().mean(0).detach().cpu()
+    losses = tick_losses(output.ticks_logits, target).float().mean(0).detach().cpu()
     certainty = output.certainties[:, 1].float().mean(0).detach().cpu()
     T = losses.numel()
     accuracy = torch.tensor([accuracy_at_tick(output, target, t) for t in range(T)])
@@ -212,7 +187,7 @@ def plot_tick_curves(output: Any, target: torch.Tensor, path: str | Path) -> Pat
 
 def accuracy_at_tick(output: Any, target: torch.Tensor, tick: int) -> float:
     ticks = torch.full((len(target),), tick, dtype=torch.long, device=target.device)
-    return (tick_logits(output, ticks).argmax(1) == target).float().mean().item()
+    return (at_ticks(output.ticks_logits, ticks).argmax(1) == target).float().mean().item()
 
 
 def attention_maps(output: Any, sample: int = 0) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .ctm_tasks import evaluate_mazes, format_table, model_route_length, save_ma
 def load_model(spec: str) -> nn.Module:
     """A registered `name.tag`, a portable folder (config.json + model.safetensors), or a Lightning .ckpt."""
     from biozoo.models import create_model, load_pretrained
-    from biozoo.models._hub import model_from_lightning_checkpoint, safe_torch_load
+    from biozoo.models import model_from_lightning_checkpoint, safe_torch_load
 
     if spec.endswith(".ckpt"):
         return model_from_lightning_checkpoint(safe_torch_load(spec), spec)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,16 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from biozoo.envs import mazes
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError, ModelOutput, as_output
 
 from .ctm import ctm_loss
-from .losses import LossOutput, register_loss
+from .losses import LossOutput, chosen_ticks, min_and_certain, register_loss
 
 N_ACTIONS = 5
 
 
 def unpack(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions (B, out, T), certainties (B, 2, T)) from a CTM result object or an official-style tuple."""
+    """(predictions (B, out, T), certainties (B, 2, T)) of a CTM result (or an official-style tuple), for the
+    CTM-only evaluation tools below."""
     if isinstance(output, (tuple, list)):
         return output[0], output[1]
     return output.predictions, output.certainties
@@ -48,15 +48,6 @@ def unpack(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def most_certain_tick(certainties: torch.Tensor) -> torch.Tensor:
     return certainties[:, 1].argmax(-1)
-
-
-def min_and_certain(losses: torch.Tensor, certainties: torch.Tensor, use_most_certain: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, the mean of the loss at its min-loss tick and at its most-certain (or last) tick."""
-    rows = torch.arange(losses.shape[0], device=losses.device)
-    chosen = most_certain_tick(certainties) if use_most_certain else torch.full_like(rows, losses.shape[1] - 1)
-    loss = (losses[rows, losses.argmin(1)] + losses[rows, chosen]) / 2
-    return loss.mean(), chosen
 
 
 # --- mazes -----------------------------------------------------------------------------------------------------
@@ -84,15 +75,19 @@ def maze_loss(predictions: torch.Tensor, certainties: torch.Tensor, targets: tor
     upto = prefix.clamp(min=1).amax(1) - 1 + lookahead  # official: last correct index (>= 0) + lookahead
     mask = (torch.arange(length, device=targets.device)[None] < upto[:, None]).to(per_step.dtype)  # (B, L)
     per_tick = (per_step * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)  # (B, T)
-    loss, chosen = min_and_certain(per_tick, certainties, use_most_certain)
-    return loss, chosen, upto
+    chosen = chosen_ticks(certainties, use_most_certain)
+    return min_and_certain(per_tick, chosen), chosen, upto
 
 
 @register_loss("ctm_maze")
-def ctm_maze_loss(output: Any, target: torch.Tensor | None, lookahead: int = 5, use_most_certain: bool = True,
+def ctm_maze_loss(output: ModelOutput, target: torch.Tensor | None, lookahead: int = 5, use_most_certain: bool = True,
                   **_: Any) -> LossOutput:
-    predictions, certainties = unpack(output)
-    logits = route_logits(predictions)
+    """The maze loss on per-tick route logits (B, 5, L, T); a model without ticks is one tick (the curriculum
+    still masks the route beyond the first mistake + lookahead)."""
+    ticks_logits, certainties = as_output(output).per_tick()
+    if ticks_logits.dim() != 4 or ticks_logits.shape[1] != N_ACTIONS:
+        raise BiozooError(f"ctm_maze needs route logits (B, {N_ACTIONS}, L, T), got {tuple(ticks_logits.shape)}")
+    logits = ticks_logits.transpose(1, 2)  # (B, L, 5, T)
     rows = torch.arange(logits.shape[0], device=logits.device)
     if target is None:
         return LossOutput(logits.new_zeros(()), logits[rows, ..., most_certain_tick(certainties)].transpose(1, 2))
@@ -266,12 +261,12 @@ def save_maze_gif(model: nn.Module, image: np.ndarray, path: str | Path, expand_
 # --- QA-MNIST --------------------------------------------------------------------------------------------------
 
 @register_loss("ctm_qamnist")
-def ctm_qamnist_loss(output: Any, target: torch.Tensor | None, answer_ticks: int | None = None,
+def ctm_qamnist_loss(output: ModelOutput, target: torch.Tensor | None, answer_ticks: int | None = None,
                      use_most_certain: bool = True, **_: Any) -> LossOutput:
     """The official QA-MNIST loss: the `ctm` loss over the last `answer_ticks` ticks only (read from the result's
     `answer_ticks` when not given)."""
-    predictions, certainties = unpack(output)
-    k = answer_ticks or getattr(output, "answer_ticks", None) or predictions.shape[-1]
-    answers = SimpleNamespace(predictions=predictions[..., -k:], certainties=certainties[..., -k:],
-                              prediction_reshaper=[-1])
-    return ctm_loss(answers, target, use_most_certain)
+    output = as_output(output)
+    ticks_logits, certainties = output.per_tick()
+    k = answer_ticks or getattr(output, "answer_ticks", None) or ticks_logits.shape[-1]
+    return ctm_loss(ModelOutput(output.logits, ticks_logits[..., -k:], certainties[..., -k:]), target,
+                    use_most_certain)

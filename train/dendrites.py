@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from biozoo.models.dendrites import (ACTIVATIONS, MODES, add_dendrite_set, add_dendrites, check_choice,
                                      check_dendrites_used, dendrite_counts, dendrite_layers, freeze_candidates,
                                      set_dendrite_counts, train_candidates)
-from biozoo.models.errors import BiozooError
+from biozoo._core import BiozooError
 
 
 def plot_cycles(history: list[dict[str, Any]], out: str | Path, monitor: str) -> Path:

@@ -1,10 +1,10 @@
 """Pluggable losses for the shared tasks.
 
-A loss takes the model's output and the target and returns a `LossOutput`: the scalar to minimise and the
-logits that the metrics should score, (B, C) for classification or (B, C, L) for per-position targets. Models
-that return richer results (the CTM's per-tick predictions and certainties) register a loss that picks the
-logits to score, so one SupervisedTask serves every model. Called with `target=None` (prediction), a loss returns a zero
-loss and the logits.
+A loss takes the model's `ModelOutput` and the target and returns a `LossOutput`: the scalar to minimise and the
+logits that the metrics should score, (B, C) for classification or (B, C, *positions) for per-position targets.
+Losses read only `ModelOutput` fields: `.logits`, and for the tick losses (`ctm`, `ctm_maze`, `ctm_ctc`,
+`ctm_qamnist`) `.per_tick()`, which reads a model without ticks as one tick, so an MLP, an LSTM and a CTM train
+with the same loss. Called with `target=None` (prediction), a loss returns a zero loss and the logits.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from biozoo.models._registry import suggest
-from biozoo.models.errors import BiozooError, UnknownNameError
+from biozoo._core import BiozooError, ModelOutput, UnknownNameError, as_output, suggest
 
 
 class LossOutput(NamedTuple):
@@ -49,16 +48,50 @@ def list_losses() -> list[str]:
 
 
 @register_loss("cross_entropy")
-def cross_entropy(output: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+def cross_entropy(output: ModelOutput, target: torch.Tensor, label_smoothing: float = 0.0,
                   ignore_index: int = -100, **_: Any) -> LossOutput:
-    """Classification, (B, C) vs (B,), or per position, (B, C, L) vs (B, L)."""
+    """Classification, (B, C) vs (B,), or per position, (B, C, *P) vs (B, *P)."""
+    output = as_output(output).logits
     if target is None:
         return LossOutput(output.new_zeros(()), output)
     return LossOutput(F.cross_entropy(output, target, label_smoothing=label_smoothing, ignore_index=ignore_index), output)
 
 
 @register_loss("mse")
-def mse(output: torch.Tensor, target: torch.Tensor, **_: Any) -> LossOutput:
+def mse(output: ModelOutput, target: torch.Tensor, **_: Any) -> LossOutput:
+    output = as_output(output).logits
     if target is None:
         return LossOutput(output.new_zeros(()), output)
+    if target.shape != output.shape and target.dim() == output.dim() > 2:  # (B, *P, D) targets, (B, D, *P) logits
+        target = target.movedim(-1, 1)
     return LossOutput(F.mse_loss(output, target.to(output.dtype)), output)
+
+
+# --- the tick losses' shared parts (the CTM's; a model without ticks reads as one tick) ---------------------------
+
+
+def at_ticks(ticks_logits: torch.Tensor, ticks: torch.Tensor) -> torch.Tensor:
+    """(B, C, *P, T) at one tick per sample (B,) -> (B, C, *P)."""
+    return ticks_logits[torch.arange(len(ticks), device=ticks.device), ..., ticks]
+
+
+def tick_losses(ticks_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample and tick (B, T), averaged over positions: (B, C, *P, T) vs (B, *P)."""
+    if target.shape[1:] != ticks_logits.shape[2:-1]:
+        raise BiozooError(f"targets {tuple(target.shape)} do not match the model's per-tick logits "
+                          f"{tuple(ticks_logits.shape)} (B, C, *positions, T)")
+    ce = F.cross_entropy(ticks_logits, target.unsqueeze(-1).expand(*target.shape, ticks_logits.shape[-1]),
+                         reduction="none")  # (B, *P, T)
+    return ce.flatten(1, -2).mean(1) if ce.dim() > 2 else ce
+
+
+def chosen_ticks(certainties: torch.Tensor, use_most_certain: bool = True) -> torch.Tensor:
+    """(B,) the most certain tick per sample, or the last."""
+    certain = certainties[:, 1].argmax(-1)
+    return certain if use_most_certain else torch.full_like(certain, certainties.shape[-1] - 1)
+
+
+def min_and_certain(losses: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The official CTM objective: the mean of the loss at each sample's min-loss tick and at its chosen tick."""
+    rows = torch.arange(losses.shape[0], device=losses.device)
+    return ((losses[rows, losses.argmin(1)] + losses[rows, chosen]) / 2).mean()

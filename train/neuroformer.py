@@ -38,9 +38,8 @@ from torch.utils.data import Dataset
 from torchmetrics import PearsonCorrCoef, R2Score
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from biozoo.models import create_model, get_pretrained_cfg, list_pretrained
-from biozoo.models._registry import pretrained_dir
-from biozoo.models.errors import CheckpointError
+from biozoo._core import CheckpointError, ModelOutput
+from biozoo.models import create_model, get_pretrained_cfg, list_pretrained, pretrained_dir
 from biozoo.models.neuroformer import Neuroformer, init_from_pretrained, record_attention
 
 from .losses import LossOutput, register_loss
@@ -48,11 +47,11 @@ from .tasks import BiozooTask, build_model
 
 
 @register_loss("neuroformer")
-def neuroformer_loss(output: dict[str, Any], target: dict[str, torch.Tensor] | None, id_weight: float = 0.45,
+def neuroformer_loss(output: ModelOutput, target: dict[str, torch.Tensor] | None, id_weight: float = 0.45,
                      dt_weight: float = 0.30, clip_weight: float = 0.25, behaviour_weight: float = 1.0,
                      id_pad: int = -100, dt_pad: int = -100, **_: Any) -> LossOutput:
     """The weighted Neuroformer objective; logits = next-ID logits (B, C, T) for the metrics."""
-    logits = output["id_logits"].transpose(1, 2)
+    logits = output.logits
     if target is None:
         return LossOutput(logits.new_zeros(()), logits)
     extras = {"id_loss": F.cross_entropy(logits, target["id_target"], ignore_index=id_pad),

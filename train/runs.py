@@ -26,8 +26,8 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from biozoo.models._hub import safe_torch_load
-from biozoo.models.errors import BiozooError, CheckpointError
+from biozoo._core import BiozooError, CheckpointError
+from biozoo.models import safe_torch_load
 
 RUN_DIR_ENV = "BIOZOO_RUN_DIR"  # set by rank 0 for the DDP processes it launches (or by hand, for torchrun)
 RESUME_ENV = "BIOZOO_RESUME_FROM"

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from biozoo.models.errors import BiozooError, UnknownNameError
+from biozoo._core import BiozooError, UnknownNameError
 from biozoo.models.taugate import TauGate
 
 from .tasks import SupervisedTask
