@@ -290,10 +290,15 @@ def reset_state(state: Any, initial: Any, done: torch.Tensor) -> Any:
     return type(state)(reset_state(s, i, done) for s, i in zip(state, initial))
 
 
-def detach_state(state: Any) -> Any:
+def map_state(fn: Any, state: Any) -> Any:
+    """`fn` applied to every tensor of a state (a tensor, a tuple of tensors, or None)."""
     if state is None or isinstance(state, torch.Tensor):
-        return None if state is None else state.detach()
-    return type(state)(detach_state(s) for s in state)
+        return None if state is None else fn(state)
+    return type(state)(map_state(fn, s) for s in state)
+
+
+def detach_state(state: Any) -> Any:
+    return map_state(torch.Tensor.detach, state)
 
 
 # --- the spike token layout (the data side packs windows; generation re-packs its own samples) ----------------

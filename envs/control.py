@@ -127,7 +127,7 @@ class EnvDataModule(BiozooDataModule):
         self.env_id, self.env_kwargs = env_id, dict(env_kwargs or {})
         self.num_envs, self.vectorization_mode = num_envs, vectorization_mode
         self.time_feature = wants_time_feature(env_id) if time_feature is None else time_feature
-        self.rollouts_per_epoch, self.max_episode_steps = rollouts_per_epoch, max_episode_steps
+        self.rollouts_per_epoch = rollouts_per_epoch
         if max_episode_steps is not None:  # every env of this DataModule (training, evaluation) gets the cap
             self.env_kwargs["max_episode_steps"] = max_episode_steps
         self._spec: DataSpec | None = None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from biozoo._core import BiozooError, detach_state, suggest
+from biozoo._core import BiozooError, map_state, suggest
 from biozoo.models.baselines import RunningNorm
 
 from .policy import Policy, finished_episodes, one_thread, to_env, to_tensor
@@ -127,7 +127,7 @@ class PPO:
             out = policy(data["flat_obs"][idx])
             dist = policy.distribution(out.logits)
             return dist.log_prob(data["flat_actions"][idx]), dist.entropy(), out.value, None
-        state = detach_state(select_rows(data["start_state"], idx))
+        state = map_state(lambda s: s[idx].detach(), data["start_state"])
         logps, entropies, values = [], [], []
         for t in range(data["obs"].shape[0]):
             out = policy(data["obs"][t, idx], state, data["first"][t, idx])
@@ -192,12 +192,6 @@ class PPO:
         if data["episode_returns"]:
             out["return"] = float(np.mean(data["episode_returns"]))
         return out
-
-
-def select_rows(state: Any, idx: torch.Tensor) -> Any:
-    if state is None or isinstance(state, torch.Tensor):
-        return None if state is None else state[idx]
-    return type(state)(select_rows(s, idx) for s in state)
 
 
 def running_norms(*modules: nn.Module) -> list[RunningNorm]:
