@@ -1,12 +1,14 @@
 """The zoo side by side: every fitting task x model config pair trained on the same small budget.
 
-    python benchmarks/matrix.py --steps 300 --out results           # about 40 min on 2 CPU cores
+    python benchmarks/matrix.py --steps 200 --out results           # about 40 min on 2 CPU cores
     python benchmarks/matrix.py --steps 20 --tasks digits parity16   # a quick look
+    python benchmarks/matrix.py --tasks cartpole acrobot swimmer_ppo swimmer_es --control-steps 20 --merge
 
 Each pair is `biozoo fit -c configs/tasks/<task>.yaml -c configs/models/<model>.yaml` for `--steps` optimiser
 steps on the task's generated (or shipped) data, shrunk to BUDGET_DATA where the DataModule takes those
-arguments, then validated once on `--val-batches` batches. Writes `<out>/matrix.csv` (every pair, with the
-reason a pair does not fit), `<out>/matrix.md` (metric per task x model) and `<out>/matrix.png` (the heatmap:
+arguments, then validated once on `--val-batches` batches; a control task instead runs `--control-steps`
+rollouts (PPO) or generations (ES) and scores 10 greedy episodes. Writes `<out>/matrix.csv` (every pair, with
+the reason a pair does not fit), `<out>/matrix.md` (metric per task x model) and `<out>/matrix.png` (the heatmap:
 per task, the metric scaled to that task's best so rows compare; grey = does not fit). This budget ranks
 early learning speed, not what each model reaches: the papers' results need their own configs and budgets.
 """
@@ -22,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from biozoo.train.matrix import PairResult, check_pair, model_configs, run_pair, task_configs
+from biozoo.train.matrix import PairResult, check_pair, is_control, model_configs, run_pair, task_configs
 
 # data per task for the benchmark: enough to learn something in a few hundred steps, quick to generate
 BUDGET_DATA = {"train_size": 8192, "val_size": 512, "test_size": 32, "n_train": 2000, "n_val": 128, "n_test": 16,
                "train_batches": 400, "val_batches": 8, "test_batches": 1, "num_train": 1000, "num_test": 32,
                "duration_s": 600, "num_workers": 0}
+CONTROL_EXTRA = ["--model.init_args.eval_episodes=10", "--model.init_args.report=false"]  # val/return: 10 greedy episodes
 LOWER_IS_BETTER = ("val/mse", "val/loss")
 
 
@@ -76,8 +79,10 @@ def heatmap(rows: list[PairResult], tasks: list[str], models: list[str], path: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--val-batches", type=int, default=8)
+    parser.add_argument("--control-steps", type=int, default=30,
+                        help="rollouts (PPO) or generations (ES) per pair on the control tasks")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--models", nargs="*", default=None)
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         for m, mp in models.items():
             reason = check_pair(tp, mp)
             row = PairResult(t, m, "no fit", reason=reason) if reason else \
-                run_pair(tp, mp, args.steps, data=BUDGET_DATA, val_batches=args.val_batches)
+                run_pair(tp, mp, args.control_steps if is_control(tp) else args.steps, data=BUDGET_DATA,
+                         val_batches=args.val_batches, extra=CONTROL_EXTRA if is_control(tp) else None)
             rows.append(row)
             if row.status != "no fit":
                 print(f"{t:16s} {m:22s} {row.status:8s} {row.seconds:7.1f}s loss {row.loss:8.4f} "
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(PairResult(old["task"], old["model"], old["status"], float(old["seconds"]),
                                            float(old["final_train_loss"]), old["metric"], float(old["value"]),
                                            old["reason"]))
-        every = {**task_configs(), **{}}
+        every = task_configs()
         tasks = {t: every[t] for t in sorted({r.task for r in rows}) if t in every}
         models = {m: p for m, p in model_configs().items() if any(r.model == m for r in rows)}
         order = {(t, m): i for i, (t, m) in enumerate((t, m) for t in tasks for m in models)}
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                          {"no fit": "-", "no data": "no data"}.get(r.status, r.status))
         lines.append(f"| {t} ({metric.split('/')[-1] or '-'}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    (args.out / "matrix.md").write_text(f"{args.steps} steps per pair, validated on {args.val_batches} batches.\n\n"
+    (args.out / "matrix.md").write_text(f"{args.steps} steps per pair, validated on {args.val_batches} batches; control "
+                                        f"tasks: {args.control_steps} rollouts or generations, 10 greedy episodes.\n\n"
                                         + table + "\n")
     heatmap(rows, list(tasks), names, args.out / "matrix.png")
     print(table)

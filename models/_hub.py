@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import pickle
+import shutil
+import urllib.error
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ._registry import create_model, get_builder
+from ._registry import PretrainedCfg, create_model, get_builder, sha256_of
 from .errors import BiozooError, CheckpointError, UnknownNameError, first_line
 
 CONFIG_NAME = "config.json"
@@ -247,3 +251,78 @@ def load_pretrained(path: str | Path, **overrides: Any) -> nn.Module:
         raise CheckpointError(f"{path} is a torch file biozoo does not recognise; known formats: "
                               f"biozoo, {', '.join(_formats) or 'none'}")
     raise CheckpointError(f"{path} holds no {CONFIG_NAME} + {WEIGHTS_NAME} and matches no known checkpoint format")
+
+
+# Weights published elsewhere -----------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where downloaded weights go: $BIOZOO_CACHE, else ~/.cache/biozoo."""
+    return Path(os.environ.get("BIOZOO_CACHE") or Path.home() / ".cache" / "biozoo")
+
+
+def download(url: str, target: Path) -> Path:
+    """`url` (http(s) or file://) to `target`, through a temporary file so that an interrupted download leaves
+    nothing behind."""
+    from torch.hub import download_url_to_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    download_url_to_file(url, str(target), progress=False)
+    return target
+
+
+def _checkpoint_in(path: Path, member: str, name: str) -> Path:
+    """The checkpoint among the downloads: `path` itself, or the `member` glob inside a zip archive (one that is
+    not itself a torch file), extracted next to it."""
+    if path.is_dir() or not zipfile.is_zipfile(path):
+        return path
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        if any(n.endswith("/data.pkl") for n in names) and not any(n.endswith(".pt") for n in names):
+            return path  # a torch zip checkpoint
+        out = path.with_suffix("")
+        if not out.is_dir():
+            archive.extractall(out)  # zipfile keeps every member inside `out`
+    found = sorted(p for p in out.glob(member) if p.is_file())
+    if len(found) != 1:
+        listed = ", ".join(str(p.relative_to(out)) for p in found[:5]) or "none"
+        raise CheckpointError(f"{name}: {path.name} holds {len(found)} files matching {member!r} ({listed}); "
+                              f"convert the one you want with `biozoo convert`")
+    return found[0]
+
+
+def fetch_pretrained(cfg: PretrainedCfg) -> Path:
+    """Download a registered tag's files (once), check their sha256 where known, convert them with the tag's
+    checkpoint format into <cache>/<model>.<tag>/ (config.json + model.safetensors), and return that folder.
+    Without a network, one line says where to put each file by hand."""
+    name = f"{cfg.model}.{cfg.tag}"
+    folder = cache_dir() / name
+    if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+        return folder
+    raw = folder / "download"
+    for filename, url in cfg.files.items():
+        target = raw / filename
+        if not target.is_file():
+            try:
+                download(url, target)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                raise CheckpointError(f"could not download {name} from {url} ({first_line(e)[:120]}); put the "
+                                      f"file at {target} and try again") from None
+        want = cfg.files_sha256.get(filename)
+        if want and sha256_of(target) != want:
+            target.unlink()
+            raise CheckpointError(f"{url} did not match the registered sha256 of {name} ({filename}); removed it")
+    if cfg.convert is None:
+        raise CheckpointError(f"{name} names no checkpoint format to convert its files from")
+    source, _, member = cfg.source.partition("!")  # "archive.zip!glob" names a member of a zip
+    model = _formats[cfg.convert].load(_checkpoint_in(raw / source, member or "**/*.pt", name))
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained(model, staging, metadata={"source": cfg.url or next(iter(cfg.files.values())), "tag": name})
+    if cfg.kwargs:  # what the original files do not record (e.g. the legacy maze input range)
+        config = json.loads((staging / CONFIG_NAME).read_text())
+        config["kwargs"].update(cfg.kwargs)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    for item in staging.iterdir():
+        os.replace(item, folder / item.name)
+    staging.rmdir()
+    return folder

@@ -46,6 +46,16 @@ class PretrainedCfg:
     license: str = "Apache-2.0"
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Weights published elsewhere, fetched on first use: file name -> URL (http(s), or file:// for a local copy),
+    # the sha256 of each where known, the registered checkpoint format they are in (`convert`), which download
+    # (or, inside a zip archive, which member glob) holds the checkpoint, and constructor arguments the original
+    # files do not record. Converted once into <cache>/<model>.<tag>/ as config.json + model.safetensors.
+    files: dict[str, str] = field(default_factory=dict)
+    files_sha256: dict[str, str] = field(default_factory=dict)
+    convert: str | None = None
+    source: str = "."  # a download, "." for the download folder (HF layout), or "archive.zip!member glob"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    model: str = ""  # set by register_pretrained
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +86,7 @@ def register_pretrained(model_name: str, cfg: PretrainedCfg) -> None:
     tags = _pretrained.setdefault(model_name, {})
     if cfg.tag in tags:
         raise BiozooError(f"pretrained tag {model_name}.{cfg.tag} is already registered")
+    cfg.model = model_name
     tags[cfg.tag] = cfg
 
 
@@ -186,6 +197,11 @@ def sha256_of(path: Path) -> str:
 
 
 def pretrained_dir(cfg: PretrainedCfg) -> Path:
+    """The folder holding the weights: shipped under models/weights/, or downloaded and converted into the cache."""
+    if cfg.file is None and cfg.files:
+        from ._hub import fetch_pretrained
+
+        return fetch_pretrained(cfg)
     if cfg.file is None:
         raise CheckpointError(f"pretrained tag {cfg.tag!r} ships no local file; download it from {cfg.url}")
     path = Path(cfg.file)
@@ -196,7 +212,8 @@ def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str
                  **overrides: Any) -> nn.Module:
     """Build a registered model.
 
-    `pretrained`: False, True (the first registered tag) or a tag; `name.tag` works too. `checkpoint_path`
+    `pretrained`: False, True (the first shipped tag) or a tag (one published elsewhere is downloaded once into the
+    cache, $BIOZOO_CACHE or ~/.cache/biozoo, and converted); `name.tag` works too. `checkpoint_path`
     loads weights (a folder or a .safetensors file) strictly into the freshly built model.
     """
     from ._hub import load_pretrained, load_weights  # the hub imports this module
@@ -210,7 +227,7 @@ def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str
         if pretrained is True:
             if not tags:
                 raise UnknownNameError(f"model {name!r} has no pretrained weights; build it with pretrained=False")
-            pretrained = next(iter(tags))
+            pretrained = next((t for t, c in tags.items() if c.file), next(iter(tags)))  # shipped ones first
         cfg = get_pretrained_cfg(name, str(pretrained))
         folder = pretrained_dir(cfg)
         if cfg.sha256 and sha256_of(folder / "model.safetensors") != cfg.sha256:

@@ -3,7 +3,7 @@
 Ghasemlou, "Dopamine: Brain Modes, Not Brains -- Activation-Gated PEFT via Threshold-and-Gain Tuning",
 arXiv 2602.11726 (2026). No official code exists; this follows the abstract and the formulation in the
 reference sheet. Every base weight is frozen. After each hidden activation `a` (ReLU/GELU/SiLU/... that follows a
-Linear or a Conv) a per-neuron gate with a threshold tau_j and a gain gamma_j is inserted:
+Linear or a Conv, wherever it is computed) a per-neuron gate with a threshold tau_j and a gain gamma_j acts:
 
     soft (training):   h_j = gamma_j * sigmoid((a_j - tau_j) / T) * a_j
     hard (inference):  h_j = gamma_j * 1[a_j > tau_j] * a_j
@@ -25,10 +25,19 @@ mode the forward value is exactly the formula above, but the gradient that reach
 sigmoid((a - tau) / w) with w = `surrogate_width` (0.5; w <= T gives the exact gradient). Gradients to gamma and
 to the activations are exact.
 
-Gates are forward hooks on the activation modules, so the base keeps its own modules, names and state dict.
-Modes are adapters: `save_adapter` writes only tau and gamma (safetensors) with a config naming the base and a
-fingerprint of its weights; `load_adapter(path, name)` checks the fingerprint; `use_mode(name)` swaps the gate
-values in place (the base is never copied) and `use_mode(None)` disables the gates, which is the base exactly.
+Where the gates go. `TauGate.wrap(model, example_input=...)` runs one forward under a TorchFunctionMode
+(`CallTracer`) that sees every torch function call: each call of ReLU/ReLU6/GELU/SiLU/Tanh (as a module, as
+`F.relu` inside a forward, or inside Hugging Face's GELUActivation and kin, which call the same functions) is a
+site, sized from the last Linear/Conv before it (width, and the neuron axis: last for Linear, channels for Conv).
+A shared activation module gets one gate per call (a ResNet Bottleneck's ReLU: three widths). Models can also
+declare their neurons (`taugate_site`, e.g. the CTM's `neurons`, its post-activations z each tick): one gate per
+neuron shared over the ticks, with tau starting below the lowest z the example input produced (less a quarter of
+their range), so the start is exact on that distribution. The base is never modified and keeps its names and
+state dict: the gates act only inside `TauGate.forward`, where the mode is on (which also switches off fused fast
+paths that would skip the activations, such as `nn.TransformerEncoderLayer`'s in eval). `describe()` lists the
+sites. Modes are adapters: `save_adapter` writes only tau and gamma (safetensors) with a config naming the base
+and a fingerprint of its weights; `load_adapter(path, name)` checks the fingerprint; `use_mode(name)` swaps the
+gate values in place (the base is never copied) and `use_mode(None)` disables the gates, which is the base exactly.
 
     from biozoo.models import create_model
     from biozoo.models.taugate import TauGate
@@ -43,13 +52,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ._hub import PretrainedMixin, first_line
 from ._registry import create_model, register_model, suggest
@@ -59,13 +71,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FORMAT = "biozoo-taugate-adapter"
 
-# The smallest value each gateable activation can output: tau starts below it, so every unit passes at init.
-LOWER_BOUNDS: dict[type[nn.Module], float] = {
-    nn.ReLU: 0.0, nn.ReLU6: 0.0, nn.GELU: -0.17, nn.SiLU: -0.2785, nn.Tanh: -1.0,
+# The gateable activations, as the functions that compute them (module activations call these too; so do Hugging
+# Face's GELUActivation and kin), with the smallest value each can output: tau starts below it, so every unit
+# passes at init.
+ACTIVATION_FUNCTIONS: dict[Any, tuple[str, float]] = {
+    F.relu: ("relu", 0.0), torch.relu: ("relu", 0.0), torch.Tensor.relu: ("relu", 0.0),
+    F.relu6: ("relu6", 0.0), F.gelu: ("gelu", -0.17), F.silu: ("silu", -0.2785),
+    torch.tanh: ("tanh", -1.0), torch.Tensor.tanh: ("tanh", -1.0), F.tanh: ("tanh", -1.0),
 }
+LOWER_BOUNDS: dict[str, float] = {name: bound for name, bound in ACTIVATION_FUNCTIONS.values()}
+# the layers whose output neurons an activation gates: (function, neuron dim of its output)
+PRODUCER_FUNCTIONS: dict[Any, int] = {F.linear: -1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1}
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# layers that may sit between the Linear/Conv and its activation without changing the neuron count
-PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.Identity)
+NEURON_MARGIN = 0.25  # of the range seen when sizing: tau's start below it, for declared neurons (CTM z)
 GATE_MODES = ("auto", "soft", "hard")
 
 
@@ -114,36 +132,158 @@ class NeuronGate(nn.Module):
             return torch.where(a > self._per_neuron(self.tau, a), gamma * a, torch.zeros_like(a))
         return gamma * self.gate(a, hard=False) * a
 
-    def hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-        """Forward hook on the activation module (a bound method, so deep copies stay wired to their gates)."""
+    def apply(self, output: torch.Tensor) -> torch.Tensor:
+        """The gated activation (or the activation itself while the gates are off)."""
         if self.record:
             self.last_input = output.detach()
-        return self(output) if self.enabled else None
+        return self(output) if self.enabled else output
 
     def extra_repr(self) -> str:
         return f"num_neurons={self.num_neurons}, neuron_dim={self.neuron_dim}, mode={self.mode!r}"
 
 
-def find_gate_sites(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
-    """(path, activation module, neuron count, neuron dim) for each supported activation module that follows a
-    Linear or Conv in registration order (norm layers in between are allowed). Functional activations
-    (F.relu inside forward) are invisible here and stay ungated."""
-    sites, producer = [], None
-    for name, module in model.named_modules():
-        if list(module.children()):
-            continue
-        if isinstance(module, PRODUCERS):
-            producer = module
-        elif isinstance(module, PASS_THROUGH):
-            continue
-        elif type(module) in LOWER_BOUNDS and producer is not None:
-            is_linear = isinstance(producer, nn.Linear)
-            width = producer.out_features if is_linear else producer.out_channels
-            sites.append((name, module, width, -1 if is_linear else 1))
-            producer = None
-        else:
-            producer = None
-    return sites
+def example_input_for(model: nn.Module) -> Any:
+    """A small input for sizing the gates: `model.example_input()` where a model defines it, else one shaped for
+    its first layer (Linear: (2, in_features); Conv: (2, C, 32[, 32[, 32]]); attention / transformer layers: 8
+    tokens of embed_dim; Embedding: token ids)."""
+    if callable(getattr(model, "example_input", None)):
+        return model.example_input()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return torch.randn(2, module.in_features)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return torch.randn(2, module.in_channels, *[32] * (module.weight.dim() - 2))
+        if isinstance(module, nn.MultiheadAttention):
+            return torch.randn(2, 8, module.embed_dim) if module.batch_first else torch.randn(8, 2, module.embed_dim)
+        if isinstance(module, nn.Embedding):
+            return torch.randint(0, module.num_embeddings, (2, 8))
+    raise BiozooError(f"TauGate cannot guess an input for {type(model).__name__}; pass example_input=")
+
+
+class CallTracer(TorchFunctionMode):
+    """Sees every torch function call of a forward: the last Linear/Conv (its width and neuron dim) and each
+    activation call, which it hands to `on_activation(site key, kind, output, producer)` for sizing or gating.
+
+    A site is one call of an activation within one module: (innermost running module, k-th activation call in it
+    during this forward), so a module activation called three times (a ResNet Bottleneck's shared ReLU) is three
+    sites, and F.relu inside a block's forward is a site of that block. A module that declares `taugate_site`
+    (the CTM's `neurons`, its post-activations z each tick) is one site for all its calls: the same neurons."""
+
+    def __init__(self, names: dict[int, str], on_activation):
+        super().__init__()
+        self.names, self.on_activation = names, on_activation
+        self.stack: list[str] = []
+        self.counts: dict[str, int] = {}
+        self.producer: tuple[int, int] | None = None  # (width, neuron dim) of the last Linear / Conv output
+        self.handles: list[Any] = []
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def push(module, _inputs):
+            if id(module) in self.names:
+                self.stack.append(self.names[id(module)])
+
+        def pop(module, _inputs, output):
+            if id(module) in self.names and self.stack:
+                self.stack.pop()
+            if getattr(module, "taugate_site", False) and id(module) in self.names:  # a model's declared neurons
+                return self.on_activation((self.names[id(module)], -1), "neurons", output, None)
+            return None
+
+        self.handles = [register_module_forward_pre_hook(push), register_module_forward_hook(pop)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in PRODUCER_FUNCTIONS and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            self.producer = (int(args[1].shape[0]), PRODUCER_FUNCTIONS[func])
+        elif func in ACTIVATION_FUNCTIONS and isinstance(out, torch.Tensor):
+            where = self.stack[-1] if self.stack else ""
+            k = self.counts.get(where, 0)
+            self.counts[where] = k + 1
+            out = self.on_activation((where, k), ACTIVATION_FUNCTIONS[func][0], out, self.producer)
+        return out
+
+
+def neuron_layout(output: torch.Tensor, producer: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(neurons, neuron dim) of an activation output: the producing layer's width where it matches, else the last
+    dim of a (B, F) or (B, L, F) output; None where no neuron axis can be told."""
+    if producer is not None:
+        width, dim = producer
+        if output.dim() >= 2 and output.shape[dim] == width:
+            return width, dim
+    if output.dim() in (2, 3):
+        return int(output.shape[-1]), -1
+    return None
+
+
+def site_names(keys: list[tuple[str, int]], leaves: set[str]) -> list[str]:
+    """Readable, stable names: a leaf activation module called once is its path ("features.1"); called more
+    often, "path#k"; a functional call inside a module's forward, "path:k" (":k" at the top level)."""
+    calls: dict[str, int] = {}
+    for where, _ in keys:
+        calls[where] = calls.get(where, 0) + 1
+    return [(where if calls[where] == 1 else f"{where}#{k}") if where in leaves else f"{where}:{k}"
+            for where, k in keys]
+
+
+def find_gate_sites(model: nn.Module, example_input: Any = None) -> list[tuple[str, str, int, int]]:
+    """(name, activation, neuron count, neuron dim) of every activation call in one forward of `model` on
+    `example_input` (default: `example_input_for(model)`), in call order. Activation modules in any order,
+    shared ones (one site per call), F.relu / F.gelu / F.silu / torch.tanh inside a forward and Hugging Face
+    activation classes (they call the same functions) are all found; calls whose neuron axis cannot be told
+    (no Linear/Conv before them, not a (B, F) or (B, L, F) output) are left ungated."""
+    found = trace_sites(model, example_input)
+    return [(name, kind, n, dim) for name, (_, kind, n, dim, _) in found.items()]
+
+
+def trace_sites(model: nn.Module, example_input: Any = None) -> dict[str, tuple[tuple[str, int], str, int, int, float]]:
+    """{name: (call key, activation, neurons, neuron dim, lower bound)} of one traced forward (find_gate_sites)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    leaves = {n for n, m in model.named_modules() if not list(m.children())}
+    raw: list[tuple[tuple[str, int], str, int, int]] = []
+    lowest: dict[tuple[str, int], float] = {}
+    highest: dict[tuple[str, int], float] = {}
+
+    def record(key, kind, output, producer):
+        if kind == "neurons":  # declared: (B, neurons), every call the same neurons
+            if key not in lowest:
+                raw.append((key, kind, int(output.shape[-1]), -1))
+            lowest[key] = min(lowest.get(key, math.inf), float(output.min()))
+            highest[key] = max(highest.get(key, -math.inf), float(output.max()))
+            return output
+        layout = neuron_layout(output, producer)
+        if layout is not None:
+            raw.append((key, kind, *layout))
+        return output
+
+    x = example_input_for(model) if example_input is None else example_input
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), CallTracer(names, record):
+            model(*x) if isinstance(x, tuple) else model(x)
+    except BiozooError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the probe's failure, in one line
+        raise BiozooError(f"TauGate could not size its gates: {type(model).__name__} failed on an example input "
+                          f"({type(e).__name__}: {first_line(e)[:160]}); pass example_input=") from None
+    finally:
+        model.train(was_training)
+    names_ = site_names([r[0] for r in raw], leaves)
+    names_ = [key[0] if kind == "neurons" else name for name, (key, kind, *_) in zip(names_, raw)]
+    out = dict(zip(names_, raw))
+    # an unbounded neuron's lower bound: the lowest value the probe saw, less a margin (NEURON_MARGIN of the
+    # range seen, at least 1)
+    bounds = {name: lowest[key] - max(1.0, NEURON_MARGIN * (highest[key] - lowest[key]))
+              for name, (key, *_) in out.items() if key in lowest}
+    return {name: (*site, bounds.get(name, LOWER_BOUNDS.get(site[1], 0.0))) for name, site in out.items()}
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -160,34 +300,50 @@ class TauGate(PretrainedMixin, nn.Module):
     """A frozen base with a threshold-and-gain gate after each hidden activation. Build it with `TauGate.wrap`."""
 
     def __init__(self, base: nn.Module, temperature: float = 0.05, init_margin: float = 16.0,
-                 surrogate_width: float = 0.5):
+                 surrogate_width: float = 0.5, example_input: Any = None):
         super().__init__()
-        if getattr(base, "_taugate_hooks", None):
+        if getattr(base, "_taugate_wrapped", False):
             raise BiozooError(f"this {type(base).__name__} is already wrapped by a TauGate; wrap each base once")
-        sites = find_gate_sites(base)
+        sites = trace_sites(base, example_input)
         if not sites:
-            raise BiozooError(f"TauGate found no ReLU/GELU/SiLU/Tanh module after a Linear or Conv in "
-                              f"{type(base).__name__} (functional activations such as F.relu cannot be gated)")
+            raise BiozooError(f"TauGate found no ReLU/GELU/SiLU/Tanh call after a Linear or Conv in "
+                              f"{type(base).__name__}")
         self.base = base
         self.init_temperature, self.init_margin = float(temperature), float(init_margin)
         self.surrogate_width = float(surrogate_width)
         for p in base.parameters():
             p.requires_grad_(False)
-        self.gate_names = [name for name, *_ in sites]
-        self.gates = nn.ModuleList(NeuronGate(n, dim, LOWER_BOUNDS[type(act)], temperature, init_margin, surrogate_width)
-                                   for _, act, n, dim in sites)
-        self.activations = [type(act).__name__ for _, act, *_ in sites]
+        self.gate_names = list(sites)
+        self.gates = nn.ModuleList(NeuronGate(n, dim, bound, temperature, init_margin, surrogate_width)
+                                   for _, kind, n, dim, bound in sites.values())
+        self.activations = [kind for _, kind, *_ in sites.values()]
+        self._site_index = {key: i for i, (key, *_) in enumerate(sites.values())}
+        self._module_names = {id(m): n for n, m in base.named_modules()}
         self.current_mode: str | None = "trainable"
         self.modes: dict[str, dict[str, torch.Tensor]] = {}
-        hooks = [act.register_forward_hook(gate.hook) for (_, act, *_), gate in zip(sites, self.gates)]
-        object.__setattr__(base, "_taugate_hooks", hooks)
+        object.__setattr__(base, "_taugate_wrapped", True)
         self._base_fingerprint: str | None = None
 
     @classmethod
     def wrap(cls, base_model: nn.Module, temperature: float = 0.05, init_margin: float = 16.0,
-             surrogate_width: float = 0.5) -> "TauGate":
-        """Freeze `base_model` and gate every hidden activation; the result starts equal to the base."""
-        return cls(base_model, temperature, init_margin, surrogate_width)
+             surrogate_width: float = 0.5, example_input: Any = None) -> "TauGate":
+        """Freeze `base_model` and gate every hidden activation; the result starts equal to the base. The gates
+        are found and sized by one forward on `example_input` (default: `example_input_for(base_model)`)."""
+        return cls(base_model, temperature, init_margin, surrogate_width, example_input)
+
+    def describe(self) -> str:
+        """The gated sites: name, activation, neurons (and the neuron axis), and the total."""
+        rows = [f"{name:40s} {kind:6s} {g.num_neurons:6d} neurons (dim {g.neuron_dim})"
+                for name, kind, g in zip(self.gate_names, self.activations, self.gates)]
+        total = sum(g.num_neurons for g in self.gates)
+        return "\n".join([*rows, f"{len(rows)} gated sites, {total} neurons, {2 * total} trainable parameters"])
+
+    def _gate_call(self, key: tuple[str, int], kind: str, output: torch.Tensor, producer: Any) -> torch.Tensor:
+        i = self._site_index.get(key)
+        if i is None:
+            raise BiozooError(f"TauGate: activation call {key[1]} in {key[0] or type(self.base).__name__!r} was "
+                              f"not there when the gates were sized (a forward with another control flow?)")
+        return self.gates[i].apply(output)
 
     @property
     def enabled(self) -> bool:
@@ -199,14 +355,18 @@ class TauGate(PretrainedMixin, nn.Module):
             gate.enabled = value
 
     def unwrap(self) -> nn.Module:
-        """Remove the gates from the base (it stays frozen) and return it."""
-        for handle in getattr(self.base, "_taugate_hooks", []):
-            handle.remove()
-        object.__setattr__(self.base, "_taugate_hooks", [])
+        """The base (frozen, never modified: the gates act only through this wrapper), free to wrap again."""
+        object.__setattr__(self.base, "_taugate_wrapped", False)
         return self.base
 
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.base(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base's forward with every gated activation call gated. While gated, torch functions go through a
+        TorchFunctionMode, which also turns off fused fast paths that would skip the activations (for example
+        `nn.TransformerEncoderLayer`'s in eval); with the gates off (`use_mode(None)`) the base runs as it is."""
+        if not self.enabled:
+            return self.base(*args, **kwargs)
+        with CallTracer(self._module_names, self._gate_call):
+            return self.base(*args, **kwargs)
 
     # configuration ------------------------------------------------------------------------------------------
 
@@ -252,7 +412,8 @@ class TauGate(PretrainedMixin, nn.Module):
         for gate in self.gates:
             gate.record = True
         try:
-            self.base(x)
+            with CallTracer(self._module_names, self._gate_call):  # records the gates' inputs, gated or not
+                self.base(x)
             out = {}
             for name, gate in zip(self.gate_names, self.gates):
                 a = gate.last_input

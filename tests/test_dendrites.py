@@ -245,12 +245,11 @@ def test_the_ctm_synapses_grow_dendrites(tmp_path):
     small = dict(iterations=3, d_model=16, d_input=8, heads=0, n_synch_out=4, n_synch_action=4, memory_length=3,
                  backbone_type="none", in_channels=8, out_dims=5)
     x = torch.randn(2, 8)
-    # at depth 1 the CTM computes its synapse GLU from the Linear's weights without calling it: refused, not ignored
+    # at depth 1 the fused synapse GLU calls its Linear once that carries dendrites, so candidates train
     glu = biozoo.create_model("ctm", synapse_depth=1, **small)
     add_dendrites(glu, "perforated", include="synapses")
     add_dendrite_set(glu)
-    with pytest.raises(BiozooError, match=r"dendrites of synapses\.1 never ran"):
-        train_candidates(glu, lambda: [x], lambda b: glu(b).predictions.square().mean(), epochs=1)
+    train_candidates(glu, lambda: [x], lambda b: glu(b).predictions.square().mean(), epochs=1)
     ctm = biozoo.create_model("ctm", synapse_depth=2, **small)  # the U-Net synapses call their layers
     x = torch.randn(2, 8)
     outputs = lambda m: list(m(x))  # noqa: E731  (predictions, certainties, synchronisation)
@@ -398,3 +397,78 @@ def test_cli_flag_and_configs(tmp_path):
                         run=False)
         callback = next(c for c in cli.trainer.callbacks if isinstance(c, Dendrites))
         assert callback.mode == mode and callback.patience == patience
+
+
+# --- dendrites through every zoo model, with no exclude list -----------------------------------------------------
+
+def _zoo_cases():
+    from biozoo.envs.parity import parity_batch
+    from biozoo.envs.spikes import SpikesDataModule
+
+    def ctm_parity():
+        return biozoo.create_model("ctm", pretrained="parity16"), parity_batch(8, 16)[0]
+
+    def ctm_image():
+        torch.manual_seed(0)
+        return (biozoo.create_model("ctm", iterations=4, d_model=32, d_input=16, heads=2, n_synch_out=8,
+                                    n_synch_action=8, memory_length=3, backbone_type="resnet18-1", in_channels=1,
+                                    num_classes=10, positional_embedding_type="learnable-fourier"),
+                torch.randn(4, 1, 8, 8))
+
+    def neuroformer():
+        data = SpikesDataModule(n_neurons=20, duration_s=60, batch_size=4, num_workers=0)
+        data.setup("fit")
+        model = biozoo.create_model("neuroformer", **biozoo.models.kwargs_for_spec("neuroformer", data.spec, {}))
+        return model, next(iter(data.train_dataloader()))
+
+    def ccrnn():
+        torch.manual_seed(0)
+        return biozoo.create_model("ccrnn", input_size=3, output_size=2), torch.randn(4, 7, 3)
+
+    def resnet8():
+        torch.manual_seed(0)
+        return biozoo.create_model("resnet8", in_channels=1, num_classes=10), torch.randn(4, 1, 8, 8)
+
+    return {"ctm_parity": ctm_parity, "ctm_image": ctm_image, "neuroformer": neuroformer, "ccrnn": ccrnn,
+            "resnet8": resnet8}
+
+
+@pytest.mark.parametrize("case", list(_zoo_cases()))
+def test_dendrites_grow_and_train_on_zoo_models_without_excludes(case, tmp_path):
+    from biozoo.models.dendrites import check_dendrites_used
+
+    model, x = _zoo_cases()[case]()
+    model.eval()
+    with torch.no_grad():
+        ref = model(x).logits
+    add_dendrites(model)
+    add_dendrite_set(model)
+    with torch.no_grad():
+        out = model(x).logits
+    # outputs kept at add: exactly, except the CTM, whose hooked q_proj leaves the folded query path (float
+    # rounding, carried over its ticks)
+    assert (out - ref).abs().max() <= (1e-4 if case.startswith("ctm") else 0.0)
+    model.train()
+    out = model(x)
+    logits = out.logits if case != "ccrnn" else out.logits
+    logits.float().square().mean().backward()
+    if case != "ccrnn":  # the ccRNN's cerebellum runs only inside CCRNNTask's training step
+        check_dendrites_used(model)
+    grads = [p.grad for n, p in model.named_parameters() if ".dendrites." in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(tmp_path / "m")
+        again = biozoo.load_pretrained(tmp_path / "m")
+        assert dendrite_counts(again) == dendrite_counts(model)
+
+
+def test_ctm_parity_config_grows_dendrites_through_the_callback(tmp_path):
+    """The failure of issue 16: "dendrites of q_proj, synapses.1 never ran" at the first growth."""
+    run_biozoo("fit", "-c", "configs/ctm/parity16.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
+               str(tmp_path), "--data.train_size", "64", "--data.val_size", "32", "--data.batch_size", "16",
+               "--model.init_args.model_kwargs.iterations", "4", "--model.init_args.model_kwargs.d_model", "32",
+               "--trainer.callbacks+=biozoo.train.Dendrites", "--trainer.callbacks.patience", "1",
+               "--trainer.callbacks.max_cycles", "1", "--trainer.callbacks.plot", "false")
+    model = biozoo.load_pretrained(tmp_path / "version_0" / "checkpoints" / "last.ckpt")
+    counts = dendrite_counts(model)
+    assert counts["q_proj"] == 1 and counts["synapses.1"] == 1

@@ -108,11 +108,13 @@ def test_conv_channels_are_gated_per_channel():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.SiLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 4),
                          nn.GELU(), nn.Linear(4, 2)).eval()
-    sites = find_gate_sites(base)
-    assert [(name, n, dim) for name, _, n, dim in sites] == [("2", 6, 1), ("5", 4, -1)]
     x = torch.randn(5, 1, 8, 8)
+    with pytest.raises(BiozooError, match="pass example_input="):  # the guessed 32x32 input does not fit
+        TauGate.wrap(base)
+    sites = find_gate_sites(base, x)
+    assert [(name, n, dim) for name, _, n, dim in sites] == [("2", 6, 1), ("5", 4, -1)]
     ref = base(x)
-    model = TauGate.wrap(base).eval()
+    model = TauGate.wrap(base, example_input=x).eval()
     assert torch.equal(model(x), ref)  # a user's own nn.Module keeps its own output type
     assert model.parameter_counts()["trainable"] == 2 * (6 + 4)
     with torch.no_grad():
@@ -331,3 +333,122 @@ def test_cli_runs_the_taugate_config(tmp_path, capsys):
     loaded = load_pretrained(tmp_path / "export")
     assert isinstance(loaded, TauGate) and fingerprint(loaded.base) == fingerprint(foundation)
     assert loaded.temperature == pytest.approx(0.05)  # one epoch of the 0.05 -> 0.01 anneal: still the start
+
+
+# --- gates wherever an activation is computed -------------------------------------------------------------------
+
+def starts_equal_and_trains(model: TauGate, x, training_modes=(True, False)):
+    """Identical to the base at init in train and eval (hard gate exactly), the gates really act, and a step on
+    the gates alone changes the output."""
+    base = model.base
+    for training in training_modes:
+        base.train(training)
+        model.train(training)
+        with torch.no_grad():
+            ref, out = as_tensor(base(x)), as_tensor(model(x))
+        assert (out - ref).abs().max() < 1e-5, training
+    model.eval()
+    with torch.no_grad():
+        for gate in model.gates:
+            gate.gamma.fill_(0.5)
+        assert (as_tensor(model(x)) - as_tensor(base(x))).abs().max() > 1e-4  # not bypassed (no fast path)
+        for gate in model.gates:
+            gate.gamma.fill_(1.0)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(any(p is q for g in model.gates for q in g.parameters()) for p in trainable)
+    as_tensor(model(x)).square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def as_tensor(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("activation", ["gelu", "module"])
+def test_transformer_encoder_gates_its_feed_forward(activation):
+    torch.manual_seed(0)
+    act = "gelu" if activation == "gelu" else nn.GELU()
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation=act, batch_first=True)
+    base = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(3, 5, 16)
+    model = TauGate.wrap(base, example_input=x)
+    assert [g.num_neurons for g in model.gates] == [32, 32] and model.activations == ["gelu", "gelu"]
+    starts_equal_and_trains(model, x)
+
+
+def test_hugging_face_style_activation_classes_by_behaviour():
+    class GELUActivation(nn.Module):  # transformers.activations.GELUActivation: a module calling F.gelu
+        def forward(self, x):
+            return nn.functional.gelu(x)
+
+    class BertIntermediate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.intermediate_act_fn = nn.Linear(8, 24), GELUActivation()
+
+        def forward(self, x):
+            return self.intermediate_act_fn(self.dense(x))
+
+    torch.manual_seed(0)
+    base = nn.Sequential(BertIntermediate(), nn.Linear(24, 8))
+    model = TauGate.wrap(base)
+    assert model.gate_names == ["0.intermediate_act_fn"] and model.gates[0].num_neurons == 24
+    starts_equal_and_trains(model, torch.randn(4, 6, 8))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_resnets_one_gate_per_call(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    base = getattr(torchvision.models, name)(weights=None, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    model = TauGate.wrap(base, example_input=x)
+    block = base.layer1[0]
+    widths = [g.num_neurons for n, g in zip(model.gate_names, model.gates) if n.startswith("layer1.0.relu")]
+    expected = [64, 64] if name == "resnet18" else [64, 64, 256]  # a Bottleneck's one ReLU, three widths
+    assert widths == expected and len(model.gates) == (17 if name == "resnet18" else 49)
+    assert block.relu is not None and "layer1.0.relu#0" in model.gate_names
+    starts_equal_and_trains(model, x, training_modes=(False,))
+
+
+def test_zoo_resnet8_gates_every_block():
+    torch.manual_seed(0)
+    base = create_model("resnet8", in_channels=1, num_classes=10)
+    x = torch.randn(2, 1, 8, 8)
+    model = TauGate.wrap(base, example_input=x)
+    assert len(model.gates) > 1 and any(":" in n for n in model.gate_names)  # F.relu inside the blocks
+    starts_equal_and_trains(model, x, training_modes=(False,))
+    assert "trainable parameters" in model.describe() and str(len(model.gates)) in model.describe()
+
+
+def test_pretrained_ctm_gates_its_neurons(tmp_path):
+    """A mode of a pretrained CTM: a threshold and a gain per neuron on its post-activations z, 2 x d_model."""
+    from biozoo.envs.parity import parity_batch
+
+    ctm = create_model("ctm", pretrained="parity16")
+    torch.manual_seed(0)
+    probe, _ = parity_batch(256, 16)
+    model = TauGate.wrap(ctm, example_input=probe)
+    assert model.gate_names == ["neurons"] and model.parameter_counts()["trainable"] == 2 * ctm.d_model
+    x, y = parity_batch(128, 16)
+    with torch.no_grad():
+        ref = ctm(x).predictions
+        for mode in ("soft", "hard"):
+            model.set_mode(mode).eval()
+            assert torch.equal(model(x).predictions, ref), mode  # unseen inputs too
+    model.set_mode("auto").train()
+    out = model(x)
+    torch.nn.functional.cross_entropy(out.logits, y).backward()
+    assert model.gates[0].gamma.grad.abs().max() > 0 and model.gates[0].tau.grad is not None
+    with torch.no_grad():
+        model.gates[0].gamma[:64] = 0.0  # silence half the neurons: the CTM thinks differently
+        model.eval()
+        assert (model(x).predictions - ref).abs().max() > 1e-2
+    model.save_adapter(tmp_path / "half")
+    model.load_adapter(tmp_path / "half", "half").use_mode(None)
+    with torch.no_grad():
+        assert torch.equal(model(x).predictions, ref)  # gates off: the base exactly
+        model.use_mode("half")
+        assert (model.gates[0].gamma[:64] == 0).all()

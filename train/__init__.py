@@ -25,6 +25,7 @@ _EXPORTS = {
     "Policy": "policy", "as_policy": "policy", "evaluate": "policy", "PPO": "ppo",
     "CCRNNTask": "ccrnn",
     "CTMReport": "ctm",
+    "Calibration": "calibration",
     "NeuroformerTask": "neuroformer",
 }
 # modules that call register_loss at import (ctm, ctm_ctc, ctm_maze, ctm_qamnist, neuroformer, and the built-ins)

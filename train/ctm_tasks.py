@@ -100,10 +100,17 @@ def ctm_maze_loss(output: ModelOutput, target: torch.Tensor | None, lookahead: i
     return LossOutput(loss, scored.transpose(1, 2), extras)
 
 
+def model_expand_range(model: nn.Module, expand_range: bool | None = None) -> bool:
+    """The maze input range to feed `model`: `expand_range` if given, else the one it was trained on."""
+    return bool(getattr(model, "expand_range", True)) if expand_range is None else expand_range
+
+
 @torch.no_grad()
-def predict_routes(model: nn.Module, images: np.ndarray, expand_range: bool = True, batch_size: int = 64
+def predict_routes(model: nn.Module, images: np.ndarray, expand_range: bool | None = None, batch_size: int = 64
                    ) -> np.ndarray:
-    """Routes (N, L) at the most-certain tick for uint8 maze images (N, H, W, 3)."""
+    """Routes (N, L) at the most-certain tick for uint8 maze images (N, H, W, 3). `expand_range` None: the input
+    range the model records (`model.expand_range`; legacy official maze checkpoints read [0, 1])."""
+    expand_range = model_expand_range(model, expand_range)
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -127,7 +134,7 @@ def move_start(image: np.ndarray, position: tuple[int, int]) -> np.ndarray:
 
 
 def solve_by_reapplication(model: nn.Module, images: np.ndarray, max_reapplications: int = 20,
-                           fault_tolerance: int = 2, expand_range: bool = True, batch_size: int = 64
+                           fault_tolerance: int = 2, expand_range: bool | None = None, batch_size: int = 64
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Official generalisation protocol; returns (solved (N,) bool, applications used (N,) int).
 
@@ -157,7 +164,7 @@ def solve_by_reapplication(model: nn.Module, images: np.ndarray, max_reapplicati
 
 
 def evaluate_mazes(model: nn.Module, size: int, n: int = 200, seed: int = 123, route_length: int | None = None,
-                   max_reapplications: int = 20, fault_tolerance: int = 2, expand_range: bool = True,
+                   max_reapplications: int = 20, fault_tolerance: int = 2, expand_range: bool | None = None,
                    batch_size: int = 64) -> dict[str, float]:
     """Solve rates on `n` fresh generated mazes of `size`.
 
@@ -212,13 +219,13 @@ def _overlay(frame: np.ndarray, attention: np.ndarray, colour: np.ndarray) -> np
 
 
 @torch.no_grad()
-def maze_frames(model: nn.Module, image: np.ndarray, expand_range: bool = True, scale: int = 8) -> list[np.ndarray]:
+def maze_frames(model: nn.Module, image: np.ndarray, expand_range: bool | None = None, scale: int = 8) -> list[np.ndarray]:
     """One uint8 frame per tick: the route predicted at that tick drawn on the maze, attention overlaid."""
     import matplotlib
 
     model.eval()
     device = next(model.parameters()).device
-    out = model(mazes.to_input(image[None], expand_range).to(device), track=True)
+    out = model(mazes.to_input(image[None], model_expand_range(model, expand_range)).to(device), track=True)
     logits = route_logits(unpack(out)[0])[0]  # (L, 5, T)
     attention = tracked_attention(out)  # (T, h, w) or None
     cmap = matplotlib.colormaps["viridis"]
@@ -241,7 +248,7 @@ def tracked_attention(out: Any) -> np.ndarray | None:
     return attn.reshape(attn.shape[0], -1, attn.shape[-1]).mean(1).reshape(-1, *shape).numpy()
 
 
-def save_maze_gif(model: nn.Module, image: np.ndarray, path: str | Path, expand_range: bool = True,
+def save_maze_gif(model: nn.Module, image: np.ndarray, path: str | Path, expand_range: bool | None = None,
                   fps: int = 10) -> tuple[Path, Path]:
     """Write `<path>.gif` (one frame per tick) and `<path>.png` (the most-certain tick). Returns both paths."""
     from PIL import Image
@@ -253,7 +260,8 @@ def save_maze_gif(model: nn.Module, image: np.ndarray, path: str | Path, expand_
     gif, png = path.with_suffix(".gif"), path.with_suffix(".png")
     images[0].save(gif, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     with torch.no_grad():
-        certainties = unpack(model(mazes.to_input(image[None], expand_range).to(next(model.parameters()).device)))[1]
+        x = mazes.to_input(image[None], model_expand_range(model, expand_range))
+        certainties = unpack(model(x.to(next(model.parameters()).device)))[1]
     images[int(most_certain_tick(certainties)[0])].save(png)
     return gif, png
 

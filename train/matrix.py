@@ -134,11 +134,15 @@ def run_pair(task: Path, model: Path, steps: int = 2, root: Path | None = None, 
     if data is None:
         small += control_overrides(task)
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["fit", "-c", str(task), "-c", str(model), *small,
+        if is_control(task):  # a step is one rollout (PPO, however many optimiser steps it takes) or generation (ES)
+            budget = [f"--data.init_args.rollouts_per_epoch={steps}", "--trainer.max_epochs=1",
+                      "--trainer.max_steps=-1", "--trainer.check_val_every_n_epoch=1"]
+        else:
+            budget = [f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
+                      f"--trainer.limit_val_batches={val_batches or steps}",
+                      f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null"]
+        args = ["fit", "-c", str(task), "-c", str(model), *small, *budget,
                 f"--trainer.default_root_dir={root or tmp}/{task.stem}-{model.stem}",
-                f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
-                f"--trainer.limit_val_batches={val_batches or steps}",
-                f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null",
                 "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
                 "--trainer.callbacks=[]", "--curve.verbose=false", *(extra or [])]
@@ -173,13 +177,18 @@ def run_pair(task: Path, model: Path, steps: int = 2, root: Path | None = None, 
     return result
 
 
+def is_control(task: Path) -> bool:
+    """A task config trained by ControlTask (PPO or ES on an env) rather than on batches of data."""
+    return read(task)["model"]["class_path"].endswith("ControlTask")
+
+
 def control_overrides(task: Path) -> list[str]:
     """SMALL_CONTROL as CLI arguments for a ControlTask config (its ppo / es dicts merged, not replaced)."""
     import json
 
-    model = read(task)["model"]
-    if not model["class_path"].endswith("ControlTask"):
+    if not is_control(task):
         return []
+    model = read(task)["model"]
     init = model.get("init_args") or {}
     out = []
     for key, value in SMALL_CONTROL.items():

@@ -24,7 +24,7 @@ from torch import nn
 from biozoo._core import BiozooError, UnknownNameError
 from biozoo.models.taugate import TauGate
 
-from .tasks import SupervisedTask
+from .tasks import SupervisedTask, data_spec
 
 METHODS = ("frozen", "taugate", "lora", "bitfit", "head", "full")
 
@@ -35,12 +35,14 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def apply_peft(model: nn.Module, method: str, lora_rank: int = 4, lora_alpha: float | None = None,
                lora_targets: list[str] | None = None, temperature: float = 0.05,
-               surrogate_width: float = 0.5) -> nn.Module:
-    """Return `model` prepared for `method` (see the module docstring); only the method's parameters train."""
+               surrogate_width: float = 0.5, example_input: Any = None) -> nn.Module:
+    """Return `model` prepared for `method` (see the module docstring); only the method's parameters train.
+    `example_input` sizes TauGate's gates (default: guessed from the model's first layer)."""
     if method not in METHODS:
         raise UnknownNameError(f"unknown PEFT method {method!r}: use one of {', '.join(METHODS)}")
     if method == "taugate":
-        return TauGate.wrap(model, temperature=temperature, surrogate_width=surrogate_width)
+        return TauGate.wrap(model, temperature=temperature, surrogate_width=surrogate_width,
+                            example_input=example_input)
     if method == "lora":
         try:
             from peft import LoraConfig, get_peft_model
@@ -80,7 +82,11 @@ class PEFTTask(SupervisedTask):
         super().__init__(model, model_kwargs, data_dims, loss, loss_kwargs, pretrained, checkpoint_path, lr,
                          weight_decay, warmup_steps, scheduler, min_lr_ratio)
         self.save_hyperparameters()
-        self.model = apply_peft(self.model, method, lora_rank, lora_alpha, lora_targets, temperature, surrogate_width)
+        spec = data_spec(data_dims)
+        example = (torch.randn(8, *spec.shape) if spec is not None and spec.input in ("image", "features", "sequence",
+                                                                                      "observation") else None)
+        self.model = apply_peft(self.model, method, lora_rank, lora_alpha, lora_targets, temperature, surrogate_width,
+                                example)
 
     def configure_optimizers(self):
         if trainable_count(self) == 0:

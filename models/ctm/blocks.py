@@ -170,9 +170,12 @@ class SynapseGLU(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[0](x)
-        weight, bias = self[1].weight, self[1].bias
-        half = weight.size(0) // 2
-        value, gate = F.linear(x, weight[:half], bias[:half]), F.linear(x, weight[half:], bias[half:])
+        if has_hooks(self[1]):  # dendrites on the Linear: call it
+            value, gate = self[1](x).chunk(2, -1)
+        else:
+            weight, bias = self[1].weight, self[1].bias
+            half = weight.size(0) // 2
+            value, gate = F.linear(x, weight[:half], bias[:half]), F.linear(x, weight[half:], bias[half:])
         return self[3](value * torch.sigmoid(gate))
 
 
@@ -282,7 +285,14 @@ class ResNetBottleneck(nn.Module):
 
 RESNET_LAYERS = {18: (ResNetBasicBlock, [2, 2, 2, 2]), 34: (ResNetBasicBlock, [3, 4, 6, 3]),
                  50: (ResNetBottleneck, [3, 4, 6, 3]), 101: (ResNetBottleneck, [3, 4, 23, 3]),
-                 152: (ResNetBottleneck, [3, 8, 36, 3])}
+                 152: (ResNetBottleneck, [3, 4, 36, 3])}  # as the official models/resnet.py (torchvision: [3, 8, 36, 3])
+
+
+class Neurons(nn.Identity):
+    """The neurons' post-activations z (B, D), every tick: the identity, named so that augmenters can act on the
+    neurons themselves (TauGate gates each neuron with one threshold and gain shared over the ticks)."""
+
+    taugate_site = True
 
 
 class TruncatedResNet(nn.Module):
@@ -548,6 +558,11 @@ def attend(attention: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Te
     return attend_projected(attention, q, keys, values)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """A layer something is attached to (dendrites, a user's probe): it must be called, not read by a fused path."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def folded_query(q_proj: nn.Linear, attention: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
     """The query map synch -> q_proj -> attention's W_q -> 1/sqrt(head dim) as one (weight, bias), computed once
     per forward instead of two linear maps and a scaling per tick."""
@@ -555,6 +570,18 @@ def folded_query(q_proj: nn.Linear, attention: nn.MultiheadAttention) -> tuple[t
     scale = math.sqrt(1.0 / (E // attention.num_heads))
     w_q, b_q = attention.in_proj_weight[:E] * scale, attention.in_proj_bias[:E] * scale
     return w_q @ q_proj.weight, F.linear(q_proj.bias, w_q, b_q)
+
+
+def query_projection(q_proj: nn.Linear, attention: nn.MultiheadAttention):
+    """synch -> the scaled attention query (B, E): the folded map, or, where q_proj has hooks (dendrites), q_proj
+    called each tick followed by the attention's scaled W_q."""
+    if not has_hooks(q_proj):
+        weight, bias = folded_query(q_proj, attention)
+        return lambda synch: F.linear(synch, weight, bias)
+    E = attention.embed_dim
+    scale = math.sqrt(1.0 / (E // attention.num_heads))
+    w_q, b_q = attention.in_proj_weight[:E] * scale, attention.in_proj_bias[:E] * scale
+    return lambda synch: F.linear(q_proj(synch), w_q, b_q)
 
 
 def attend_projected(attention: nn.MultiheadAttention, q: torch.Tensor, keys: torch.Tensor,
@@ -568,4 +595,4 @@ def attend_projected(attention: nn.MultiheadAttention, q: torch.Tensor, keys: to
     return attention.out_proj((weights @ values).reshape(B, E)), weights
 
 
-__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "folded_query", "attend_projected"]
+__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "Neurons", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "has_hooks", "folded_query", "query_projection", "attend_projected"]

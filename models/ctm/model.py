@@ -15,8 +15,8 @@ from biozoo._core import DataSpec, ModelOutput, classes_first
 
 from .._registry import register_model
 from ..errors import BiozooError, check_choice
-from .blocks import (HALT_ON, NEURON_SELECT_TYPES, NeuronLevelModels, TickedModelBase, attend, attend_projected,
-                     attention_memory, folded_query, make_synapses, sample_synch_neurons, synch_pairs,
+from .blocks import (HALT_ON, NEURON_SELECT_TYPES, NeuronLevelModels, Neurons, TickedModelBase, attend, attend_projected,
+                     attention_memory, make_synapses, query_projection, sample_synch_neurons, synch_pairs,
                      synch_representation_size)
 
 
@@ -115,7 +115,9 @@ class ContinuousThoughtMachine(TickedModelBase):
     `in_channels` (image channels read by the ResNet's 1x1 `initial_rgb`, or the token width for backbone
     'none'), `num_classes` (used as `out_dims` when that is None; filled in from the data). `halt_threshold` /
     `min_ticks` / `halt_on` set the default adaptive compute of `forward`; `readout` the tick `.logits` reads
-    ("certain": the most certain, the official answer; "last": a policy's).
+    ("certain": the most certain, the official answer; "last": a policy's). `expand_range` records the input
+    range the weights were trained on (the official maze flag: True [-1, 1], False [0, 1] as the legacy maze
+    checkpoints); the forward does not read it, the maze data and evaluation do.
     """
 
     reads = ("image", "sequence", "features", "observation")
@@ -138,7 +140,7 @@ class ContinuousThoughtMachine(TickedModelBase):
                  dropout_nlm: float | None = None, neuron_select_type: str = "random-pairing",
                  n_random_pairing_self: int = 0, in_channels: int | None = None, num_classes: int | None = None,
                  halt_threshold: float | None = None, min_ticks: int = 1, halt_on: str = "min",
-                 readout: str = "certain"):
+                 readout: str = "certain", expand_range: bool = True):
         super().__init__()
         check_choice("neuron_select_type", neuron_select_type, NEURON_SELECT_TYPES)
         check_choice("halt_on", halt_on, HALT_ON)
@@ -158,7 +160,7 @@ class ContinuousThoughtMachine(TickedModelBase):
         self.neuron_select_type = neuron_select_type
         self.halt_threshold, self.min_ticks, self.halt_on = halt_threshold, min_ticks, halt_on
         check_choice("readout", readout, ("certain", "last"))
-        self.readout = readout
+        self.readout, self.expand_range = readout, expand_range
         dropout_nlm = dropout if dropout_nlm is None else dropout_nlm
 
         self.build_input_stack(backbone_type, positional_embedding_type, in_channels)
@@ -168,6 +170,7 @@ class ContinuousThoughtMachine(TickedModelBase):
             self.q_proj = nn.Linear(self.synch_representation_size_action, d_input)
             self.attention = nn.MultiheadAttention(d_input, heads, dropout, batch_first=True)
         self.synapses = make_synapses(synapse_depth, d_input + d_model, d_model, dropout)
+        self.neurons = Neurons()  # z each tick: where augmenters act on the neurons themselves
         self.trace_processor = NeuronLevelModels(d_model, memory_length, deep_nlms, memory_hidden_dims,
                                                  do_layernorm_nlm, dropout_nlm)
         bound_z, bound_trace = math.sqrt(1 / d_model), math.sqrt(1 / (d_model + memory_length))
@@ -224,7 +227,7 @@ class ContinuousThoughtMachine(TickedModelBase):
                 o = x  # no attention: the input vector every tick
             a = self.synapses(torch.cat([o, z], -1))  # Eq. 1: a^t = f_synapse([o^t, z^t])
             A = torch.cat([A[:, :, 1:], a.unsqueeze(-1)], -1)  # A^t: FIFO of the last M
-            z = self.trace_processor(A)  # Eq. 3: z^{t+1}_d = g_d(A^t_d)
+            z = self.neurons(self.trace_processor(A))  # Eq. 3: z^{t+1}_d = g_d(A^t_d)
             for entry in synch.values():  # alpha = r alpha + z_i z_j, beta = r beta + 1
                 i, j, r, alpha, beta = entry
                 entry[3], entry[4] = r * alpha + z[:, i] * z[:, j], r * beta + 1
@@ -265,7 +268,7 @@ class ContinuousThoughtMachine(TickedModelBase):
         if self.heads:
             kv, token_shape = self.compute_features(x)
             keys, values = attention_memory(self.attention, kv)
-            query_map = folded_query(self.q_proj, self.attention)
+            query = query_projection(self.q_proj, self.attention)
         else:
             inputs = x.flatten(1)
         pair_left, pair_right, r = self._synch_setup()
@@ -293,13 +296,13 @@ class ContinuousThoughtMachine(TickedModelBase):
             if self.heads:
                 if track:
                     recorder.record("synch_action", t, rows, synch_action)
-                features, attn_weights = attend_projected(self.attention, F.linear(synch_action, *query_map), keys,
+                features, attn_weights = attend_projected(self.attention, query(synch_action), keys,
                                                           values)
             else:
                 features = inputs
             pre = self.synapses(torch.cat((features, z), -1))
             trace = torch.cat((trace[:, :, 1:], pre.t().unsqueeze(-1)), -1)
-            z = self.trace_processor.forward_neuron_major(trace, nlm_weights).t()
+            z = self.neurons(self.trace_processor.forward_neuron_major(trace, nlm_weights).t())
             alpha = r * alpha + z[:, pair_left] * z[:, pair_right]
             beta = r * beta + 1
             synch = alpha / torch.sqrt(beta)
