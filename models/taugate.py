@@ -82,7 +82,6 @@ ACTIVATION_FUNCTIONS: dict[Any, tuple[str, float]] = {
 LOWER_BOUNDS: dict[str, float] = {name: bound for name, bound in ACTIVATION_FUNCTIONS.values()}
 # the layers whose output neurons an activation gates: (function, neuron dim of its output)
 PRODUCER_FUNCTIONS: dict[Any, int] = {F.linear: -1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1}
-PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NEURON_MARGIN = 0.25  # of the range seen when sizing: tau's start below it, for declared neurons (CTM z)
 GATE_MODES = ("auto", "soft", "hard")
 
