@@ -11,12 +11,15 @@ generation seeds:
   (coupling + history + linear frame filter + behaviour) fit on the training split; target: NF > GLM;
 - rate r: each test trial generated from its own past, per-neuron PSTH in --psth-bin bins, Pearson r vs the
   real PSTH averaged over neurons (target >= 0.8), with the GLM and a real-vs-real split-half ceiling;
-- connectivity AUROC from attention vs the ground-truth adjacency (target >= 0.9), next to the same readout with
-  equal attention weights (no model: the co-occurrence every model inherits, what an untrained one scores) and
-  two references read from the training spikes directly: the GLM's coupling weights and the one-bin
-  cross-correlogram;
-- behaviour (with --finetuned): Pearson r / R^2 of each fine-tuned checkpoint vs ridge on the spike counts of
-  the same few-shot windows (the fine-tune config's subset for that checkpoint's data seed).
+- connectivity AUROC from attention vs the ground-truth adjacency (target >= 0.9), for each official readout
+  (--readouts: raw attention, attention rollout, gradient rollout; read from the cross-attention to the past and
+  from the decoder's self-attention), next to equal attention weights (no model: the co-occurrence every model
+  inherits, what an untrained one scores) and two references read from the training spikes directly: the GLM's
+  coupling weights and the one-bin cross-correlogram; and the direction: AUROC of score[j, i] against score[i, j]
+  over the one-way edges j -> i out of the hubs (0.5 = chance);
+- behaviour (with --finetuned): Pearson r / R^2 of each fine-tuned checkpoint (one per data seed: the fine-tune
+  config's few-shot subset for that seed), of a ridge probe on the pretrained model's pooled hidden state, and of
+  ridge, Lasso and a Poisson-GLM decoder on the spike counts of the same few-shot windows.
 Writes metrics.json and raster.png under --out.
 """
 
@@ -33,8 +36,9 @@ import yaml
 
 from biozoo.envs.spikes import SpikesDataModule
 from biozoo.models import load_pretrained
-from biozoo.train.neuroformer import (PoissonGLM, attention_connectivity, behaviour_predictions,
-                                      connectivity_auroc, counts_features, generate_trials, generate_true_past,
+from biozoo.train.neuroformer import (READOUTS, PoissonGLM, attention_connectivity, behaviour_predictions,
+                                      GLMDecoder, connectivity_auroc, counts_features, direction_auroc,
+                                      pooled_features, generate_trials, generate_true_past,
                                       lagged_lift, mean_std, plot_raster, psth, rate_correlation, real_trials,
                                       regression_scores, set_scores, teacher_forced_scores, true_sets)
 
@@ -52,6 +56,8 @@ def main() -> None:
     parser.add_argument("--finetuned", nargs="*", default=[])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--windows", type=int, default=1000, help="test windows for the next-ID scores")
+    parser.add_argument("--readouts", nargs="+", default=list(READOUTS), choices=READOUTS,
+                        help="attention readouts scored for connectivity (raw, rollout, grad: gradient rollout)")
     parser.add_argument("--connectivity-windows", type=int, default=0,
                         help="test windows read for the attention connectivity (0: all of them)")
     parser.add_argument("--trials", type=int, default=24, help="test trials generated for the rates")
@@ -59,6 +65,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/neuroformer_eval")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--behaviour-only", action="store_true", help="only the fine-tuned behaviour decoding")
+    parser.add_argument("--connectivity-only", action="store_true", help="only the connectivity readouts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -81,6 +88,9 @@ def main() -> None:
     # next-ID
     if not args.behaviour_only:
         glm.fit(*dm.splits["train"])
+    if args.connectivity_only:
+        args.trials = 0
+    if not args.behaviour_only and not args.connectivity_only:
         results["teacher_forced"] = teacher_forced_scores(model, test,
                                                           max_windows=None if args.windows >= len(test) else args.windows)
         truth = true_sets(test, windows)
@@ -101,18 +111,27 @@ def main() -> None:
 
     # connectivity
     if data.adjacency is not None:
-        conn = {}
+        conn, direction = {}, {}
+        hubs = (data.meta or {}).get("hubs")
+        # references: equal attention weights (no model: what any model inherits from the co-occurrence of the
+        # spikes), and two read from the training spikes directly (what the data allow)
+        references = {"glm_coupling": glm.coupling(), "spike_lift_1bin": lagged_lift(data, *dm.splits["train"], tok.resolution)}
         for layers in ("history", "decoder"):
-            for uniform in (False, True):  # the model's attention; equal weights (what any model inherits)
+            references[f"{layers}_uniform_attention"] = attention_connectivity(
+                model, test, max_windows=args.connectivity_windows or None, layers=layers, uniform=True)
+            for readout in args.readouts:
                 score = attention_connectivity(model, test, max_windows=args.connectivity_windows or None,
-                                               layers=layers, uniform=uniform)
-                conn[layers + ("_uniform_attention" if uniform else "")] = connectivity_auroc(score, data.adjacency)
-        # references from the spikes themselves (not from Neuroformer): what the data allow
-        conn["glm_coupling"] = connectivity_auroc(glm.coupling(), data.adjacency)
-        lift = lagged_lift(data, *dm.splits["train"], tok.resolution)
-        conn["spike_lift_1bin"] = connectivity_auroc(lift, data.adjacency)
-        results["connectivity_auroc"] = conn
-        print(f"[{time.time() - clock:.0f}s] connectivity AUROC: {conn}", flush=True)
+                                               layers=layers, readout=readout)
+                conn[f"{layers}_{readout}"] = connectivity_auroc(score, data.adjacency)
+                direction[f"{layers}_{readout}"] = direction_auroc(score, data.adjacency, hubs)
+        for name, score in references.items():
+            conn[name] = connectivity_auroc(score, data.adjacency)
+            direction[name] = direction_auroc(score, data.adjacency, hubs)
+        results["connectivity_auroc"], results["direction_auroc_hub_edges"] = conn, direction
+        print(f"[{time.time() - clock:.0f}s] connectivity AUROC (direction AUROC on one-way hub edges):")
+        for name, auroc in conn.items():
+            print(f"  {name:32s} {auroc:.3f}  ({direction[name]['auroc']:.3f}, paired {direction[name]['paired']:.3f}, "
+                  f"{direction[name]['edges']} edges)", flush=True)
         save()
 
     # rates
@@ -151,10 +170,11 @@ def main() -> None:
 
     # behaviour
     if args.finetuned:
-        ft_cfg = yaml.safe_load(Path(args.finetune_config).read_text())["data"]["init_args"]
-        nf_scores, ridge_scores = [], []
-        from sklearn.linear_model import RidgeCV
+        from sklearn.linear_model import LassoCV, RidgeCV
 
+        ft_cfg = yaml.safe_load(Path(args.finetune_config).read_text())["data"]["init_args"]
+        scores: dict[str, list[dict[str, float]]] = {k: [] for k in ("neuroformer", "neuroformer_probe", "ridge",
+                                                                     "lasso", "glm")}
         for ckpt in args.finetuned:
             ft = load_pretrained(ckpt)
             seed = 0
@@ -162,20 +182,31 @@ def main() -> None:
                 seed = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {}).get("seed", 0)
             fdm = SpikesDataModule(**{**ft_cfg, "seed": seed})
             fdm.setup()
-            ft_test = fdm.test_set
+            ft_test, few_shot = fdm.test_set, fdm.train_set
             pred, true = behaviour_predictions(ft, ft_test)
-            nf_scores.append(regression_scores(pred, true))
-            train_idx = np.asarray(fdm.train_set.indices)
-            full_train = fdm.train_set.dataset
-            x_tr, x_te = counts_features(full_train, train_idx), counts_features(ft_test, np.arange(len(ft_test)))
+            scores["neuroformer"].append(regression_scores(pred, true))
+            train_idx = np.asarray(few_shot.indices)
+            full_train = few_shot.dataset
             y_tr = np.array([float(full_train.behaviour_target(int(full_train.end_bins[i]))[0]) for i in train_idx])
+            # the pretrained model's pooled hidden state, read out by ridge (no fine-tuning)
+            h_tr, h_te = pooled_features(model, few_shot), pooled_features(model, ft_test)
+            probe = RidgeCV(alphas=np.logspace(-3, 4, 15)).fit(h_tr, y_tr)
+            scores["neuroformer_probe"].append(regression_scores(probe.predict(h_te), true))
+            # the conventional decoders, on the spike counts of the same windows
+            x_tr, x_te = counts_features(full_train, train_idx), counts_features(ft_test, np.arange(len(ft_test)))
             ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(x_tr, y_tr)
-            ridge_scores.append(regression_scores(ridge.predict(x_te), true))
-        results["behaviour"] = {
-            "few_shot_windows": len(train_idx),
-            "neuroformer_r": mean_std([s["r"] for s in nf_scores]), "neuroformer_r2": mean_std([s["r2"] for s in nf_scores]),
-            "ridge_r": mean_std([s["r"] for s in ridge_scores]), "ridge_r2": mean_std([s["r2"] for s in ridge_scores])}
-        print(f"[{time.time() - clock:.0f}s] behaviour: {results['behaviour']}", flush=True)
+            scores["ridge"].append(regression_scores(ridge.predict(x_te), true))
+            lasso = LassoCV(cv=5, random_state=0, max_iter=5000).fit(x_tr, y_tr)
+            scores["lasso"].append(regression_scores(lasso.predict(x_te), true))
+            scores["glm"].append(regression_scores(GLMDecoder().fit(x_tr, y_tr).predict(x_te), true))
+        results["behaviour"] = {"few_shot_windows": len(train_idx), "test_windows": len(ft_test),
+                                "seeds": len(args.finetuned)}
+        print(f"[{time.time() - clock:.0f}s] behaviour ({len(train_idx)} few-shot windows, {len(ft_test)} test windows, "
+              f"{len(args.finetuned)} data seeds): Pearson r, R^2 (mean +- std)")
+        for name, rows in scores.items():
+            r, r2 = mean_std([x["r"] for x in rows]), mean_std([x["r2"] for x in rows])
+            results["behaviour"][f"{name}_r"], results["behaviour"][f"{name}_r2"] = r, r2
+            print(f"  {name:18s} r {r['mean']:.3f} +- {r['std']:.3f}   R^2 {r2['mean']:.3f} +- {r2['std']:.3f}", flush=True)
 
     save()
     print(json.dumps(results, indent=2))

@@ -32,7 +32,6 @@ import types
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from biozoo.models import create_model
 from biozoo.models.neuroformer import Neuroformer
@@ -67,31 +66,33 @@ def time_generation(model: Neuroformer, windows: int, use_cache: bool, rows: int
     return n_tokens / elapsed, n_tokens / cpu, out["ids"] + out["dts"]
 
 
-def per_token_weights(model: Neuroformer) -> list[torch.Tensor]:
-    """The weight matrices that one cached token multiplies: every block's query, output and MLP projections,
-    and the key/value projections of the self-attention layers (cross-attention keys/values are per window)."""
+def per_token_weights(model: Neuroformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(bias, weight) of every projection that one cached token multiplies, in the layout `Block.step` uses
+    (`step_weights`: (in, out), contiguous): every block's query, output and MLP projections, and the fused
+    key/value projections of the self-attention layers (cross-attention keys/values are per window)."""
     weights = []
     for blk in [*model.state_encoder, *model.decoder]:
-        weights += [blk.attn.key.weight, blk.attn.value.weight]
+        weights.append(blk.step_weights()["kv"])
     for blk in [*model.state_encoder, *model.history_blocks, *model.stimulus_blocks, *model.behaviour_blocks,
                 *model.decoder]:
-        weights += [blk.attn.query.weight, blk.attn.proj.weight, blk.mlp[0].weight, blk.mlp[2].weight]
+        w = blk.step_weights()
+        weights += [w["q"], w["proj"], w["fc1"], w["fc2"]]
     return weights
 
 
 def matvec_floor_s(model: Neuroformer, rows: int = 1, reps: int = 20) -> float:
-    """Seconds per token of the per-token matrix products alone (no attention, norms or sampling): a lower
-    bound on a cached token's cost. At batch 1 these are matrix-vector products, limited by reading the weights
-    from memory."""
+    """Seconds per token of the per-token matrix products alone, as `Block.step` runs them (`addmm` on the
+    step weights; no attention, norms or sampling): a lower bound on a cached token's cost. At batch 1 these are
+    matrix-vector products, limited by reading the weights from memory."""
     weights = per_token_weights(model)
-    inputs = {w.shape[1]: torch.randn(rows, 1, w.shape[1]) for w in weights}
+    inputs = {w.shape[0]: torch.randn(rows, w.shape[0]) for _, w in weights}
     with torch.no_grad():
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+        for b, w in weights:
+            torch.addmm(b, inputs[w.shape[0]], w)
         start = time.perf_counter()
         for _ in range(reps):
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
+            for b, w in weights:
+                torch.addmm(b, inputs[w.shape[0]], w)
     return (time.perf_counter() - start) / reps
 
 

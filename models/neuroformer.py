@@ -43,9 +43,17 @@ Differences from the official code (all deliberate, each a documented bug or a m
 - Behaviour values are embedded by Linear(1, d), GELU, Linear(d, d) plus a learned per-variable embedding and
   sincos(dt): the official ProjectNorm starts with LayerNorm over one feature, which maps every value to the
   same vector.
-- Cross-attention to the past ignores PAD keys (the official attends to them); the CLIP 'id' feature averages
-  non-PAD positions only (the official averages all).
+- Cross-attention to the past ignores PAD keys (the official attends to them); the CLIP 'id' feature and the
+  behaviour head average non-PAD positions only (the official averages all).
 - KV-cached generation is new (the official re-runs the full model for every token).
+An official checkpoint converts exactly (`load_official_neuroformer`, `biozoo convert neuroformer-official SRC
+OUT`) through constructor switches: the official choices above (`frame_pos_emb=False`, `mask_past_pad=False`,
+`pool_pad=True`) and parts the official configs build: `temporal_embedding='learned'` (its LearntTemporalEmbedding,
+an MLP of the dt token value, separate for the current and past windows; the configs select it because `wave_emb`,
+the switch to sincos, is a class attribute of NeuroformerConfig that the YAML configs loaded as namespaces never
+carry), a frame conv whose stride differs from its kernel (`patch_stride`; V1AL: kernel [3, 8, 8], stride
+[3, 4, 4]) taking any frame size, and the linear patch encoder (`frame_encoder='linear'`, its conv_layer: false).
+The official behaviour inputs (ProjectNorm) are not among them.
 """
 
 from __future__ import annotations
@@ -62,11 +70,13 @@ from torch import nn
 
 from biozoo._core import ModelOutput, pack_tokens
 
-from ._hub import PretrainedMixin, first_line
+from ._hub import PretrainedMixin, check_state_dict, first_line, register_checkpoint_format, safe_torch_load
 from ._registry import register_model
 from .errors import BiozooError, CheckpointError, check_shape
 
 BEHAVIOUR_HEADS = ("none", "regression", "classification")
+TEMPORAL_EMBEDDINGS = ("sincos", "learned")
+FRAME_ENCODERS = ("conv", "linear")
 
 
 def sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,21 +115,20 @@ def sample_top_p(logits: torch.Tensor, top_p: float, temperature: float,
 
 
 class KVCache:
-    """Keys and values of one self-attention layer, preallocated for a window. `kv_weight`: the layer's key and
-    value projections fused into one (weight, bias), for `Block.step`."""
+    """Keys and values of one self-attention layer, preallocated for a window, and the layer's `Block.step_weights`
+    (taken once per window)."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                 kv_weight: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.n = 0
-        self.kv_weight = kv_weight
+        self.weights = weights
 
     @classmethod
     def for_block(cls, block: "Block", batch: int, length: int) -> "KVCache":
         a, w = block.attn, block.attn.key.weight
-        fused = (torch.cat([a.key.weight, a.value.weight]), torch.cat([a.key.bias, a.value.bias]))
-        return cls(batch, a.n_head, length, w.shape[0] // a.n_head, w.device, w.dtype, fused)
+        return cls(batch, a.n_head, length, w.shape[0] // a.n_head, w.device, w.dtype, block.step_weights())
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
@@ -157,7 +166,11 @@ class Attention(nn.Module):
             if mask is not None:  # True = may attend
                 att = att.masked_fill(~mask, float("-inf"))
             att = att.softmax(-1)
-            self.attention = att.detach()
+            if torch.is_grad_enabled() and att.requires_grad:  # a gradient readout (gradient rollout) reads att.grad
+                att.retain_grad()
+                self.attention = att
+            else:
+                self.attention = att.detach()
             y = self.attn_drop(att) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -183,27 +196,43 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln2(x))
         return self.ln_f(x)
 
-    def step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-             bias: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """`forward` for one new position (B, 1, d) in eval mode, as direct functional calls (at batch 1 the
-        per-call overhead is as large as the arithmetic): self-attention keys/values from the cache's fused
-        projection, appended to `cache`; cross-attention keys/values `kv` precomputed for the window, with
-        `bias` (0 / -inf) on masked keys; explicit attention, since one query needs no fused kernel."""
+    def step_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(bias, weight) of every projection that `step` multiplies, the weight transposed to (in, out) and
+        contiguous, key and value fused: at batch 1 the CPU's `addmm` streams that layout about twice as fast as
+        it reads F.linear's (out, in) one (benchmarks/neuroformer_speed.py). Taken once per generated window."""
         a, (fc1, _, fc2, _) = self.attn, self.mlp
+        t = lambda lin: (lin.bias, lin.weight.t().contiguous())  # noqa: E731
+        return {"q": t(a.query), "proj": t(a.proj), "fc1": t(fc1), "fc2": t(fc2),
+                "kv": (torch.cat([a.key.bias, a.value.bias]),
+                       torch.cat([a.key.weight, a.value.weight]).t().contiguous())}
+
+    def step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+             bias: torch.Tensor | None = None, cache: KVCache | None = None,
+             weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """`forward` for one new position (B, 1, d) in eval mode, as direct functional calls (at batch 1 the
+        per-call overhead is as large as the arithmetic) on `weights` (`step_weights`, else the cache's):
+        self-attention keys/values from the fused projection, appended to `cache`; cross-attention keys/values
+        `kv` precomputed for the window, with `bias` (0 / -inf) on masked keys; explicit attention, since one query
+        needs no fused kernel."""
+        w = weights or (cache.weights if cache is not None and cache.weights else self.step_weights())
+        n_head = self.attn.n_head
         b, _, d = x.shape
-        if kv is None:  # with one position, (B, 1, H, hd) -> (B, H, 1, hd) is a view
-            k, v = cache.append(*F.linear(x, *cache.kv_weight).view(b, 2 * a.n_head, 1, d // a.n_head).chunk(2, 1))
+        x = x.view(b, d)
+        if kv is None:  # with one position, (B, 2d) -> (B, 2H, 1, hd) is a view
+            kv_new = torch.addmm(w["kv"][0], x, w["kv"][1]).view(b, 2 * n_head, 1, d // n_head)
+            k, v = cache.append(*kv_new.chunk(2, 1))
         else:
             k, v = kv
         h = F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        q = F.linear(h, a.query.weight, a.query.bias).view(b, a.n_head, 1, d // a.n_head) * k.shape[-1] ** -0.5
-        att = q @ k.transpose(-2, -1)
+        bh, n = b * n_head, k.shape[2]  # heads into the batch of one bmm (the cache's slices merge as views)
+        q = torch.addmm(w["q"][0], h, w["q"][1]).view(bh, 1, d // n_head) * k.shape[-1] ** -0.5
+        att = torch.bmm(q, k.reshape(bh, n, -1).transpose(1, 2))
         if bias is not None:
-            att = att + bias
-        x = x + F.linear((att.softmax(-1) @ v).view(b, 1, d), a.proj.weight, a.proj.bias)
+            att = (att.view(b, n_head, 1, n) + bias).view(bh, 1, n)
+        x = x + torch.addmm(w["proj"][0], torch.bmm(att.softmax(-1), v.reshape(bh, n, -1)).view(b, d), w["proj"][1])
         h = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        x = x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
-        return F.layer_norm(x, (d,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        x = x + torch.addmm(w["fc2"][0], F.gelu(torch.addmm(w["fc1"][0], h, w["fc1"][1])), w["fc2"][1])
+        return F.layer_norm(x, (d,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps).view(b, 1, d)
 
 
 @register_model(name="neuroformer")
@@ -218,7 +247,17 @@ class Neuroformer(PretrainedMixin, nn.Module):
         n_state_layers: causal self-attention layers, both before (state encoder) and after (decoder) the
             cross-attention; n_history_layers / n_stimulus_layers / n_behaviour_layers: cross-attention layers
             to the past, the frames (also the frame self-attention layers) and the behaviour.
-        frame_shape: [n_frames, H, W] of a window's stimulus, or None; patch_size: the Conv3d kernel = stride.
+        frame_shape: [n_frames, H, W] of a window's stimulus, or None; a size may be None (any size, as the
+            official conv takes) when frame_pos_emb is False. patch_size: the Conv3d kernel; patch_stride: its
+            stride (default = patch_size; the official V1AL config uses kernel [3, 8, 8], stride [3, 4, 4]).
+            frame_encoder: 'conv' (Conv3d, LayerNorm, ReLU) or 'linear' (the official conv_layer: false variant:
+            Linear over each frame's p x p patches, ReLU; patch_size [1, p, p]).
+        temporal_embedding: 'sincos' (TemporalEmbedding of the dt token) or 'learned' (the official
+            LearntTemporalEmbedding, Linear(1, d/2), GELU, Linear(d/2, d), one for the current and one for the
+            past window: what the official YAML configs build, see `neuroformer_official_kwargs`).
+        mask_past_pad: cross-attention to the past ignores its PAD keys (False: attend to them, as the official).
+        pool_pad: the pooled state that the CLIP 'id' feature and the behaviour head read averages every position,
+            PAD included, as the official x.mean(dim=1) (False: the window's tokens only).
         n_behaviour / behaviour_len: behaviour input variables and samples per window (0: no behaviour input).
         behaviour_head: 'none', 'regression' (n_behaviour_out values) or 'classification' (n_behaviour_out classes).
         clip: contrastive alignment between the ID stream and the other modalities; clip_dim defaults to n_embd.
@@ -230,11 +269,15 @@ class Neuroformer(PretrainedMixin, nn.Module):
                  prev_block_size: int = 150, n_embd: int = 128, n_head: int = 4, n_state_layers: int = 1,
                  n_history_layers: int = 1, n_stimulus_layers: int = 1, n_behaviour_layers: int = 1,
                  frame_shape: list[int] | None = None, patch_size: list[int] = (3, 4, 4),
-                 frame_pos_emb: bool = True, n_behaviour: int = 0, behaviour_len: int = 1,
-                 behaviour_head: str = "none", n_behaviour_out: int = 1, clip: bool = True,
+                 patch_stride: list[int] | None = None, frame_encoder: str = "conv", frame_pos_emb: bool = True,
+                 n_behaviour: int = 0,
+                 behaviour_len: int = 1, behaviour_head: str = "none", n_behaviour_out: int = 1, clip: bool = True,
                  clip_dim: int | None = None, clip_temp: float = 0.5, clip_symmetric: bool = False,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, temporal_embedding: str = "sincos", mask_past_pad: bool = True,
+                 pool_pad: bool = False):
         super().__init__()
+        if temporal_embedding not in TEMPORAL_EMBEDDINGS:
+            raise BiozooError(f"temporal_embedding must be one of {TEMPORAL_EMBEDDINGS}, got {temporal_embedding!r}")
         if behaviour_head not in BEHAVIOUR_HEADS:
             raise BiozooError(f"behaviour_head must be one of {BEHAVIOUR_HEADS}, got {behaviour_head!r}")
         self.n_neurons, self.window_bins, self.prev_bins = n_neurons, window_bins, prev_bins
@@ -251,17 +294,35 @@ class Neuroformer(PretrainedMixin, nn.Module):
         self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
         self.pos_emb_prev = nn.Parameter(torch.zeros(1, prev_block_size, n_embd))
         self.drop = nn.Dropout(dropout)
+        self.mask_past_pad, self.pool_pad = mask_past_pad, pool_pad
+        if temporal_embedding == "learned":
+            learned = lambda: nn.Sequential(nn.Linear(1, n_embd // 2), nn.GELU(), nn.Linear(n_embd // 2, n_embd))  # noqa: E731
+            self.temp_emb, self.temp_emb_prev = learned(), learned()
+        else:
+            self.temp_emb = self.temp_emb_prev = None
 
         self.frame_shape = list(frame_shape) if frame_shape else None
         self.video_encoder = None
         if self.frame_shape and n_stimulus_layers > 0:
-            f, h, w = self.frame_shape
-            pt, ph, pw = patch_size
-            if f % pt or h % ph or w % pw:
+            if frame_encoder not in FRAME_ENCODERS:
+                raise BiozooError(f"frame_encoder must be one of {FRAME_ENCODERS}, got {frame_encoder!r}")
+            if frame_encoder == "linear" and (patch_size[0] != 1 or patch_size[1] != patch_size[2] or patch_stride):
+                raise BiozooError(f"the linear frame encoder takes square patches of single frames, patch_size "
+                                  f"[1, p, p] and no stride, got {list(patch_size)}")
+            stride = list(patch_stride or patch_size)
+            if None in self.frame_shape and frame_pos_emb:
+                raise BiozooError("frame_shape needs every size when frame_pos_emb is True (one position per patch)")
+            if patch_stride is None and any(n is not None and n % k for n, k in zip(self.frame_shape, patch_size)):
                 raise BiozooError(f"frame_shape {self.frame_shape} must be divisible by patch_size {list(patch_size)}")
-            self.n_patches = (f // pt) * (h // ph) * (w // pw)
-            self.video_encoder = nn.Conv3d(1, n_embd, tuple(patch_size), tuple(patch_size))
-            self.frame_norm = nn.LayerNorm(n_embd)
+            grid = [None if n is None else (n - k) // s + 1 for n, k, s in zip(self.frame_shape, patch_size, stride)]
+            if any(g is not None and g < 1 for g in grid):
+                raise BiozooError(f"frame_shape {self.frame_shape} is smaller than patch_size {list(patch_size)}")
+            self.n_patches = math.prod(grid) if None not in grid else None
+            if frame_encoder == "conv":
+                self.video_encoder = nn.Conv3d(1, n_embd, tuple(patch_size), tuple(stride))
+                self.frame_norm = nn.LayerNorm(n_embd)
+            else:  # the official to_patch_embedding: each frame's p x p patches, Linear, ReLU (no norm)
+                self.video_encoder = nn.Linear(patch_size[1] * patch_size[2], n_embd)
             self.frame_pos = nn.Parameter(torch.zeros(1, self.n_patches, n_embd)) if frame_pos_emb else None
         self.stimulus_encoder = blocks(n_stimulus_layers if self.video_encoder is not None else 0)
 
@@ -297,7 +358,13 @@ class Neuroformer(PretrainedMixin, nn.Module):
         t = ids.shape[1]
         if offset + t > self.block_size:
             raise BiozooError(f"neuroformer: {offset + t} current tokens exceed block_size {self.block_size}")
-        return self.drop(self.tok_emb(ids) + self.pos_emb[:, offset:offset + t] + sincos(dts, self.n_embd))
+        return self.drop(self.tok_emb(ids) + self.pos_emb[:, offset:offset + t] + self.temporal(dts))
+
+    def temporal(self, dts: torch.Tensor, past: bool = False) -> torch.Tensor:
+        """The temporal embedding of dt tokens: sincos, or the official learned MLP of the token value."""
+        if self.temp_emb is None:
+            return sincos(dts, self.n_embd)
+        return (self.temp_emb_prev if past else self.temp_emb)(dts.float().unsqueeze(-1))
 
     def encode_context(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Everything the current window cross-attends to: past tokens, frame features, behaviour tokens."""
@@ -305,14 +372,25 @@ class Neuroformer(PretrainedMixin, nn.Module):
         check_shape("neuroformer", id_prev, f"id_prev (B, <= {self.prev_block_size})",
                     id_prev.dim() == 2 and id_prev.shape[1] <= self.prev_block_size)
         tp = id_prev.shape[1]
-        prev = self.drop(self.tok_emb(id_prev) + self.pos_emb_prev[:, :tp] + sincos(dt_prev, self.n_embd))
-        ctx: dict[str, Any] = {"prev": prev, "prev_mask": (id_prev != self.pad)[:, None, None, :]}
+        prev = self.drop(self.tok_emb(id_prev) + self.pos_emb_prev[:, :tp] + self.temporal(dt_prev, past=True))
+        prev_mask = (id_prev != self.pad) if self.mask_past_pad else torch.ones_like(id_prev, dtype=torch.bool)
+        ctx: dict[str, Any] = {"prev": prev, "prev_mask": prev_mask[:, None, None, :]}
         if self.video_encoder is not None and batch.get("frames") is not None:
             frames = batch["frames"]
-            check_shape("neuroformer", frames, f"frames (B, {', '.join(map(str, self.frame_shape))})",
-                        list(frames.shape[1:]) == self.frame_shape)
-            feats = self.video_encoder(frames.unsqueeze(1).float())  # (B, d, f, h, w)
-            feats = F.relu(self.frame_norm(feats.flatten(2).transpose(1, 2)))
+            fits = frames.dim() == 4 and all(n is None or m == n for m, n in zip(frames.shape[1:], self.frame_shape))
+            want = ", ".join("?" if n is None else str(n) for n in self.frame_shape)
+            check_shape("neuroformer", frames, f"frames (B, {want})", fits)
+            if isinstance(self.video_encoder, nn.Linear):
+                b, f, h, w = frames.shape
+                p = self.video_encoder.in_features ** 0.5
+                p = int(round(p))
+                check_shape("neuroformer", frames, f"frames (B, T, H, W) with H and W divisible by {p}",
+                            h % p == 0 and w % p == 0)
+                patches = frames.float().view(b, f, h // p, p, w // p, p).permute(0, 1, 2, 4, 3, 5)
+                feats = F.relu(self.video_encoder(patches.reshape(b, -1, p * p)))
+            else:
+                feats = self.video_encoder(frames.unsqueeze(1).float())  # (B, d, f, h, w)
+                feats = F.relu(self.frame_norm(feats.flatten(2).transpose(1, 2)))
             if self.frame_pos is not None:
                 feats = feats + self.frame_pos
             sos = self.embed(id_prev.new_full((len(id_prev), 1), self.sos), id_prev.new_zeros((len(id_prev), 1)))
@@ -331,8 +409,9 @@ class Neuroformer(PretrainedMixin, nn.Module):
     def context_kv(self, ctx: dict[str, Any], for_step: bool = False
                    ) -> list[tuple[Block, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
         """(block, projected keys/values, mask) for every cross-attention layer, computed once per window. With
-        `for_step` (the form `Block.step` takes) the past's PAD mask is a bias (0 or -inf) and the keys/values are
-        made contiguous once here, since each token's attention would otherwise copy the strided head views."""
+        `for_step` (the form `Block.step` takes) the past's PAD mask is a bias (0 or -inf), the keys/values are
+        made contiguous once here, since each token's attention would otherwise copy the strided head views, and
+        each entry adds the block's `step_weights`."""
         mask = ctx["prev_mask"]
         if for_step:
             mask = torch.zeros(mask.shape, dtype=ctx["prev"].dtype, device=mask.device).masked_fill(~mask, -math.inf)
@@ -342,7 +421,7 @@ class Neuroformer(PretrainedMixin, nn.Module):
         if "behaviour" in ctx:
             layers += [(blk, blk.attn.kv(ctx["behaviour"]), None) for blk in self.behaviour_blocks]
         if for_step:
-            layers = [(blk, (k.contiguous(), v.contiguous()), m) for blk, (k, v), m in layers]
+            layers = [(blk, (k.contiguous(), v.contiguous()), m, blk.step_weights()) for blk, (k, v), m in layers]
         return layers
 
     def new_caches(self, batch: int, length: int) -> list[KVCache]:
@@ -358,8 +437,8 @@ class Neuroformer(PretrainedMixin, nn.Module):
         n_enc = len(self.state_encoder)
         for i, blk in enumerate(self.state_encoder):
             x = blk.step(x, cache=caches[i])
-        for blk, kv, bias in cross:
-            x = blk.step(x, kv=kv, bias=bias)
+        for blk, kv, bias, weights in cross:
+            x = blk.step(x, kv=kv, bias=bias, weights=weights)
         for i, blk in enumerate(self.decoder):
             x = blk.step(x, cache=caches[n_enc + i])
         return x[:, -1]
@@ -377,7 +456,8 @@ class Neuroformer(PretrainedMixin, nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         """`.logits` (B, id_vocab, T): the next ID at every position; extras (also `out[name]`): `id_logits`
-        (B, T, V), `dt_logits`, `hidden`, the CLIP features `clip` and `clip_loss`, and `behaviour`."""
+        (B, T, V), `dt_logits`, `hidden`, `pooled` (what the CLIP 'id' feature and the behaviour head read), the
+        CLIP features `clip` and `clip_loss`, and `behaviour`."""
         ids, dts = batch["id"], batch["dt"]
         check_shape("neuroformer", ids, f"id (B, <= {self.block_size}) token ids < {self.id_vocab}",
                     ids.dim() == 2 and ids.shape[1] <= self.block_size and int(ids.max()) < self.id_vocab)
@@ -386,8 +466,8 @@ class Neuroformer(PretrainedMixin, nn.Module):
         t = ids.shape[1]
         x = self.trunk(x, self.context_kv(ctx), self.causal[:t, :t])
         out: dict[str, Any] = {"id_logits": self.head_id(x), "dt_logits": self.head_dt(x), "hidden": x}
-        valid = (ids != self.pad).unsqueeze(-1).float()
-        pooled = (x * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        valid = (ids != self.pad).unsqueeze(-1).float() if not self.pool_pad else torch.ones_like(x[..., :1])
+        pooled = out["pooled"] = (x * valid).sum(1) / valid.sum(1).clamp_min(1.0)
         if self.clip_proj is not None:
             feats = {"id": pooled}
             for name in ("frames", "behaviour"):
@@ -535,3 +615,160 @@ def neuroformer_official(n_neurons: int = 100, window_bins: int = 5, prev_bins: 
     return Neuroformer(n_neurons, window_bins, prev_bins, block_size, prev_block_size,
                        **{"n_embd": 256, "n_head": 8, "n_state_layers": 4, "n_history_layers": 4,
                           "n_stimulus_layers": 0, "n_behaviour_layers": 0, "clip": False, **kwargs})
+
+
+# official checkpoints ----------------------------------------------------------------------------------------------
+# The folder the official Trainer.save_checkpoint writes: model.pt (a state dict; or _epoch_<loss>.pt) next to
+# mconf.yaml (the model config plus id_vocab_size), tconf.yaml and tokenizer.pkl (pickles of official classes,
+# never opened here: the vocabulary sizes come from the weights, and its ID order is the sorted neuron ids).
+
+OFFICIAL_RENAMES = (
+    ("feature_encoder.neural_state_blocks.", "state_encoder."),
+    ("feature_encoder.frame_state_blocks.", "stimulus_encoder."),
+    ("neural_visual_transformer.neural_state_history_blocks.", "history_blocks."),
+    ("neural_visual_transformer.neural_state_stimulus_blocks.", "stimulus_blocks."),
+    ("neural_visual_transformer.neural_state_blocks.", "decoder."),
+    ("video_encoder.conv_block.0.", "video_encoder."),
+    ("video_encoder.conv_block.2.", "frame_norm."),
+    ("video_encoder.to_patch_embedding.1.", "video_encoder."),
+    ("temp_emb.temp_emb.", "temp_emb."),
+    ("temp_emb_prev.temp_emb.", "temp_emb_prev."),
+    ("clip.proj.", "clip_proj."),
+)
+# buffers and parameters the official forward never uses: causal masks, the sincos tables (recomputed), the 3-D
+# frame encoding (never added, a bug) and MultimodalTransformer.ln_f (built, never called)
+OFFICIAL_UNUSED = ("feature_encoder.mask", "neural_visual_transformer.mask", "neural_visual_transformer.ln_f.",
+                   "frame_3d_emb.", "temp_emb.div_term", "temp_emb.pe", "temp_emb_prev.div_term", "temp_emb_prev.pe")
+OFFICIAL_UNSUPPORTED = {
+    "modality_embeddings.": "behaviour inputs (ProjectNorm modality embeddings)",
+    "neural_visual_transformer.modalities_blocks.": "behaviour cross-attention blocks",
+    "modality_projection_heads.": "behaviour prediction heads",
+    "video_encoder.backbone.": "the R3D-18 frame backbone (resnet_backbone: true)",
+    "gru.": "the GRU baseline", "mlp.": "the MLP baseline",
+}
+
+
+def official_folder(path: Path) -> tuple[Path, Path] | None:
+    """(mconf.yaml, weights .pt) of an official checkpoint folder or weights file, or None."""
+    folder = path if path.is_dir() else path.parent
+    mconf = folder / "mconf.yaml"
+    if not mconf.is_file():
+        return None
+    if path.is_file():
+        return (mconf, path) if path.suffix == ".pt" else None
+    weights = folder / "model.pt"
+    if not weights.is_file():
+        epochs = sorted(folder.glob("_epoch_*.pt"))
+        if len(epochs) != 1:
+            return None
+        weights = epochs[0]
+    return mconf, weights
+
+
+def count_layers(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def neuroformer_official_kwargs(mconf: dict[str, Any], state: dict[str, torch.Tensor],
+                                source: Path | str = "") -> dict[str, Any]:
+    """`Neuroformer` arguments that rebuild the official model of an official mconf.yaml and its state dict."""
+    for prefix, what in OFFICIAL_UNSUPPORTED.items():
+        if any(k.startswith(prefix) for k in state):
+            raise CheckpointError(f"{source}: the official model uses {what}, which biozoo does not convert")
+    try:
+        n_embd, n_head, dt = int(mconf["n_embd"]), int(mconf["n_head"]), float(mconf["resolution"]["dt"])
+        window_bins = round(float(mconf["window"]["curr"]) / dt)
+        prev_bins = round(float(mconf["window"]["prev"]) / dt)
+        id_vocab, dt_vocab = state["tok_emb.weight"].shape[0], state["head_dt.weight"].shape[0]
+        block_size, prev_block_size = state["pos_emb"].shape[1], state["pos_emb_prev"].shape[1]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: not an official Neuroformer config and state dict (missing {e})") from None
+    if dt_vocab != max(window_bins, prev_bins) + 4:
+        raise CheckpointError(f"{source}: head_dt has {dt_vocab} outputs, but windows of {window_bins} and {prev_bins} "
+                              f"bins give {max(window_bins, prev_bins) + 4}")
+    n_state = count_layers(state, "feature_encoder.neural_state_blocks.")
+    if count_layers(state, "neural_visual_transformer.neural_state_blocks.") != n_state:
+        raise CheckpointError(f"{source}: different numbers of state-encoder and decoder layers do not convert")
+    linear = "video_encoder.to_patch_embedding.1.weight" in state
+    frames = linear or "video_encoder.conv_block.0.weight" in state
+    n_stim = count_layers(state, "neural_visual_transformer.neural_state_stimulus_blocks.")
+    if frames and count_layers(state, "feature_encoder.frame_state_blocks.") != n_stim:
+        raise CheckpointError(f"{source}: the frame self-attention and frame cross-attention layer counts differ "
+                              f"(vit_encoder: false?), which biozoo does not convert")
+    kwargs: dict[str, Any] = {
+        "n_neurons": id_vocab - 3, "window_bins": window_bins, "prev_bins": prev_bins, "block_size": block_size,
+        "prev_block_size": prev_block_size, "n_embd": n_embd, "n_head": n_head, "n_state_layers": n_state,
+        "n_history_layers": count_layers(state, "neural_visual_transformer.neural_state_history_blocks."),
+        "n_stimulus_layers": n_stim if frames else 0, "n_behaviour_layers": 0, "frame_pos_emb": False,
+        "clip": "clip.proj.weight" in state, "mask_past_pad": False, "pool_pad": True,
+        "temporal_embedding": "learned" if "temp_emb.temp_emb.0.weight" in state else "sincos",
+        "dropout": float(mconf.get("dropout", {}).get("resid", 0.2)),
+    }
+    if frames:
+        enc = mconf.get("frame_encoder", {})
+        kwargs["frame_shape"] = [None, None, None]
+        if linear:
+            p = math.isqrt(state["video_encoder.to_patch_embedding.1.weight"].shape[1])
+            kwargs.update(frame_encoder="linear", patch_size=[1, p, p])
+        else:
+            kernel = list(state["video_encoder.conv_block.0.weight"].shape[2:])
+            kwargs.update(patch_size=kernel, patch_stride=list(enc.get("stride_size") or kernel))
+        if not linear and any(enc.get("padding_size") or [0]):
+            raise CheckpointError(f"{source}: a padded frame conv (padding_size) does not convert")
+    if kwargs["clip"]:
+        kwargs["clip_dim"] = state["clip.proj.weight"].shape[0]
+        kwargs["clip_temp"] = float(mconf.get("contrastive", {}).get("clip_temp", 0.5))
+        kwargs["clip_symmetric"] = bool(mconf.get("contrastive", {}).get("clip_loss", False))
+    return kwargs
+
+
+def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official parameter names in biozoo's, without the buffers and parameters the official forward ignores."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(OFFICIAL_UNUSED):
+            continue
+        for old, new in OFFICIAL_RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def load_official_neuroformer(path: str | Path) -> Neuroformer:
+    """An official Neuroformer checkpoint (folder with mconf.yaml + model.pt, or a .pt beside mconf.yaml) as a
+    biozoo model with the same weights and outputs, in eval mode. Read without unpickling anything but tensors."""
+    import yaml
+
+    path = Path(path)
+    found = official_folder(path)
+    if found is None:
+        raise CheckpointError(f"{path} is not an official Neuroformer checkpoint: expected mconf.yaml beside model.pt")
+    mconf_file, weights = found
+    try:
+        mconf = yaml.safe_load(mconf_file.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{mconf_file} is not valid YAML: {first_line(e)}") from None
+    state = safe_torch_load(weights)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{weights} is not a state dict (the official Trainer saves model.state_dict())")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = Neuroformer(**neuroformer_official_kwargs(mconf, state, weights))
+    ours = official_state_dict(state)
+    check_state_dict(model, {k: tuple(v.shape) for k, v in ours.items()}, weights)
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match the official Neuroformer: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    return model.eval()
+
+
+def is_official_neuroformer(path: Path) -> bool:
+    """A .pt beside (or a folder with) the official config file name, mconf.yaml."""
+    return official_folder(path) is not None
+
+
+register_checkpoint_format("neuroformer-official", is_official_neuroformer, load_official_neuroformer,
+                           "official a-antoniades/Neuroformer: a folder with mconf.yaml + model.pt")

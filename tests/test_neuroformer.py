@@ -14,7 +14,8 @@ from biozoo.envs.spikes import (SpikeData, SpikesDataModule, SpikeTokenizer, Spi
 from biozoo.models import create_model, kwargs_for_spec, load_pretrained
 from biozoo.models.errors import BiozooError, CheckpointError, ShapeError
 from biozoo.models.neuroformer import Neuroformer, contrastive_loss, init_from_pretrained
-from biozoo.train.neuroformer import (NeuroformerTask, attention_connectivity, connectivity_auroc, lagged_lift,
+from biozoo.train.neuroformer import (READOUTS, NeuroformerTask, _stack, attention_connectivity, connectivity_auroc,
+                                      direction_auroc, lagged_lift, rollout, window_attention,
                                       neuroformer_loss, psth, rate_correlation, set_scores)
 
 from conftest import run_biozoo
@@ -269,6 +270,40 @@ def test_attention_connectivity_scores(small_dm):
         flat = attention_connectivity(model, small_dm.test_set, max_windows=16, layers=layers)
         uniform = attention_connectivity(model, small_dm.test_set, max_windows=16, layers=layers, uniform=True)
         assert np.allclose(flat, uniform, atol=1e-6) and not np.allclose(uniform, score)
+
+
+def test_official_readouts_rollout_and_gradient(small_dm):
+    model = tiny_model(small_dm)
+    a1, a2 = torch.rand(2, 3, 5, 5).softmax(-1).unbind(0)
+    half = lambda a: (a + torch.eye(5)) / 2  # noqa: E731  (rows of a sum to one, so (A + I) / 2 stays normalised)
+    torch.testing.assert_close(rollout([a1, a2]), half(a2) @ half(a1))
+    batch = _stack([small_dm.test_set[i] for i in range(8)], model.pad)
+    for layers in ("history", "decoder"):
+        for readout in READOUTS:
+            att = window_attention(model, batch, layers, readout)
+            keys = batch["id_prev"] if layers == "history" else batch["id"]
+            assert att.shape == (8, batch["id"].shape[1], keys.shape[1]) and torch.isfinite(att).all()
+            if layers == "decoder":  # causal: nothing from later positions, in every readout
+                assert att.triu(1).abs().max() == 0
+            if readout == "grad":  # (dlogit/dA).clamp(0) * A: non-negative, zero on PAD keys (never attended)
+                assert att.min() >= 0
+                if layers == "history":
+                    assert att[(keys == model.pad)[:, None, :].expand_as(att)].max() == 0
+    assert all(p.grad is None for p in model.parameters())  # the gradient readout leaves no gradients behind
+    raw = attention_connectivity(model, small_dm.test_set, max_windows=16, layers="decoder")
+    grad = attention_connectivity(model, small_dm.test_set, max_windows=16, layers="decoder", readout="grad")
+    assert grad.shape == raw.shape and not np.allclose(grad, raw)
+    with pytest.raises(BiozooError, match="unknown attention readout"):
+        attention_connectivity(model, small_dm.test_set, readout="saliency")
+
+
+def test_direction_auroc_scores_the_true_direction_of_one_way_edges():
+    adjacency = np.zeros((4, 4))
+    adjacency[0, 1] = adjacency[0, 2] = adjacency[3, 1] = 1.0  # one-way edges; 1 <-> 2 reciprocal below
+    adjacency[1, 2] = adjacency[2, 1] = 1.0
+    assert direction_auroc(adjacency, adjacency) == {"auroc": 1.0, "paired": 1.0, "edges": 3}
+    assert direction_auroc(adjacency.T, adjacency)["auroc"] == 0.0
+    assert direction_auroc(adjacency, adjacency, sources=np.array([0]))["edges"] == 2  # hub edges only
 
 
 # CLI -----------------------------------------------------------------------------------------------------------

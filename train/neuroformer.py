@@ -39,6 +39,7 @@ from torchmetrics import PearsonCorrCoef, R2Score
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from biozoo._core import CheckpointError, ModelOutput
+from biozoo.models import BiozooError
 from biozoo.models import create_model, get_pretrained_cfg, list_pretrained, pretrained_dir
 from biozoo.models.neuroformer import Neuroformer, init_from_pretrained, record_attention
 
@@ -291,43 +292,112 @@ def real_trials(data: Any, starts: list[float], duration: float) -> list[tuple[n
     return out
 
 
-@torch.no_grad()
+READOUTS = ("raw", "rollout", "grad")
+
+
+def fused_heads(att: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, S) -> (B, T, S) as the official rollout fuses heads: the max over heads."""
+    return att.max(1).values
+
+
+def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar and Zuidema 2020) of square self-attention maps, first layer first: the product of
+    (A + I) / 2, rows renormalised, as the official `rollout_attentions` (which skips the first layer)."""
+    eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype)
+    result = eye.expand_as(maps[0])
+    for a in maps:
+        a = (a + eye) / 2
+        result = (a / a.sum(-1, keepdim=True)) @ result
+    return result
+
+
+def window_attention(model: Neuroformer, batch: dict[str, torch.Tensor], layers: str, readout: str) -> torch.Tensor:
+    """(B, T, S) attention from each current position t (whose next ID is the target) to each key s: the past
+    tokens ('history') or the earlier current tokens ('decoder'), read in one of READOUTS:
+    - 'raw': the layers' attention, mean over heads and layers;
+    - 'rollout': for 'decoder', the rollout of the state-encoder and decoder self-attention; for 'history', the
+      cross-attention (heads fused by max, mean over layers) carried through the decoder's rollout, the path a past
+      token takes to the output at t (the official multiplies cross-attention maps elementwise instead);
+    - 'grad': gradient rollout, attention weighted by its gradient with respect to the predicted ID, the official
+      `interpret`: sum over positions of the target ID's logit, backward, then (dlogit/dA).clamp(0) * A, mean over
+      heads, summed over the layers."""
+    own = list(model.history_blocks) if layers == "history" else list(model.decoder)
+    square = [*model.state_encoder, *model.decoder]
+    blocks = own + (square if readout == "rollout" else [])
+    with record_attention(list(dict.fromkeys(blocks))):
+        if readout == "grad":
+            with torch.enable_grad():
+                out = model(batch)
+                target = batch["id_target"].clamp_max(model.id_vocab - 1)
+                picked = out["id_logits"].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                picked = picked.masked_fill(batch["id_target"] == model.pad, 0.0)
+                picked.sum().backward()
+            att = sum((blk.attn.attention.grad.clamp_min(0) * blk.attn.attention).mean(1) for blk in own)
+            model.zero_grad(set_to_none=True)
+            return att.detach().double()
+        with torch.no_grad():
+            model(batch)
+        if readout == "raw":
+            return torch.stack([blk.attn.attention.mean(1) for blk in own]).mean(0).double()
+        if layers == "decoder":
+            return rollout([fused_heads(blk.attn.attention).double() for blk in square])
+        cross = torch.stack([fused_heads(blk.attn.attention) for blk in own]).mean(0).double()
+        return rollout([fused_heads(blk.attn.attention).double() for blk in model.decoder]) @ cross
+
+
 def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int = 64,
                            max_windows: int | None = None, layers: str = "history",
-                           uniform: bool = False) -> np.ndarray:
-    """(n_neurons, n_neurons) score for j -> i (source row j, target column i): the attention that queries
-    predicting neuron i pay to past tokens of neuron j ('history': the cross-attention to the past window;
-    'decoder': the causal self-attention over the current window), averaged over heads, layers and windows,
-    divided by the average attention that tokens of j receive.
+                           uniform: bool = False, readout: str = "raw") -> np.ndarray:
+    """(n_neurons, n_neurons) score for j -> i (source row j, target column i), accumulated the official way
+    (attention_vis.get_att_neurons): the attention that queries predicting neuron i pay to tokens of neuron j
+    ('history': the past window; 'decoder': the current window), read by `window_attention` (`readout`), summed
+    over windows and divided by the number of i targets and by the average score that tokens of j receive.
 
     `uniform=True` replaces the attention by equal weights on every key the layer may attend to: the same readout
     with no model in it (what an untrained model gives), i.e. how often j's tokens precede i's. Attention at a
     query is computed before the next neuron is known, so this co-occurrence is the part of the score that any
-    model inherits from the data; the model's contribution is the difference."""
+    model inherits from the data; the model's contribution is the difference. 'grad' conditions on the target."""
+    if readout not in READOUTS:
+        raise BiozooError(f"unknown attention readout {readout!r}; one of {', '.join(READOUTS)}")
     model.eval()
     n = model.n_neurons
-    blocks = list(model.history_blocks) if layers == "history" else list(model.decoder)
     total, rows = torch.zeros(n + 3, n + 3, dtype=torch.float64), torch.zeros(n + 3, dtype=torch.float64)
     idx = np.arange(len(dataset))[:max_windows]
-    with record_attention(blocks):
-        for s in range(0, len(idx), batch_size):
-            batch = _stack([dataset[int(i)] for i in idx[s:s + batch_size]], model.pad)
-            keys = batch["id_prev"] if layers == "history" else batch["id"]
-            if uniform:
-                t = batch["id"].shape[1]
-                allowed = ((keys != model.pad)[:, None, :].expand(-1, t, -1) if layers == "history"
-                           else model.causal[:t, :t].expand(len(keys), -1, -1)).double()
-                att = allowed / allowed.sum(-1, keepdim=True)
-            else:
-                model(batch)
-                att = torch.stack([blk.attn.attention.mean(1) for blk in blocks]).mean(0).double()  # (B, T, S)
-            q = F.one_hot(batch["id_target"], n + 3).double()  # (B, T, V)
-            k = F.one_hot(keys, n + 3).double()  # (B, S, V)
-            total += torch.einsum("bti,bts,bsj->ij", q, att, k)
-            rows += q.sum((0, 1))
+    for s in range(0, len(idx), batch_size):
+        batch = _stack([dataset[int(i)] for i in idx[s:s + batch_size]], model.pad)
+        keys = batch["id_prev"] if layers == "history" else batch["id"]
+        if uniform:
+            t = batch["id"].shape[1]
+            allowed = ((keys != model.pad)[:, None, :].expand(-1, t, -1) if layers == "history"
+                       else model.causal[:t, :t].expand(len(keys), -1, -1)).double()
+            att = allowed / allowed.sum(-1, keepdim=True)
+        else:
+            att = window_attention(model, batch, layers, readout)
+        q = F.one_hot(batch["id_target"], n + 3).double()  # (B, T, V)
+        k = F.one_hot(keys, n + 3).double()  # (B, S, V)
+        total += torch.einsum("bti,bts,bsj->ij", q, att, k)
+        rows += q.sum((0, 1))
     per_target = (total / rows.clamp_min(1)[:, None])[:n, :n]  # [i, j]: mean attention of i-queries to j
     score = per_target / per_target.mean(0, keepdim=True).clamp_min(1e-12)
     return score.t().numpy()  # [j, i]
+
+
+def direction_auroc(score: np.ndarray, adjacency: np.ndarray, sources: np.ndarray | None = None) -> dict[str, float]:
+    """Whether `score` [j, i] tells an edge's direction: over the one-way edges j -> i (from `sources`, e.g. the
+    hubs, if given), AUROC of score[j, i] (true direction) against score[i, j] (reversed), and the fraction of
+    edges whose true direction scores higher (0.5 = chance for both)."""
+    from sklearn.metrics import roc_auc_score
+
+    one_way = (adjacency > 0) & (adjacency.T <= 0)
+    if sources is not None:
+        keep = np.zeros(len(adjacency), dtype=bool)
+        keep[np.asarray(sources, dtype=int)] = True
+        one_way &= keep[:, None]
+    j, i = np.nonzero(one_way)
+    true, reverse = score[j, i], score[i, j]
+    labels = np.r_[np.ones(len(true)), np.zeros(len(reverse))]
+    return {"auroc": float(roc_auc_score(labels, np.r_[true, reverse])), "paired": float(np.mean(true > reverse)),
+            "edges": int(len(true))}
 
 
 def lagged_lift(data: Any, t0: float, t1: float, resolution: float = 0.01) -> np.ndarray:
@@ -457,6 +527,46 @@ def counts_features(dataset: Any, windows: np.ndarray) -> np.ndarray:
         np.add.at(out[r], cur, 1)
         np.add.at(out[r], n + past, 1)
     return out
+
+
+class GLMDecoder:
+    """The GLM behaviour baseline: a Poisson encoding model per neuron, log E[count_k] = a_k + b_k y (scikit-learn's
+    PoissonRegressor on the labelled windows), inverted on new windows by the maximum a posteriori y under a
+    Gaussian prior fitted to the labels (a grid over +-4 prior standard deviations)."""
+
+    def __init__(self, alpha: float = 1e-2, grid: int = 401):
+        self.alpha, self.grid = alpha, grid
+
+    def fit(self, counts: np.ndarray, y: np.ndarray) -> "GLMDecoder":
+        from sklearn.linear_model import PoissonRegressor
+
+        self.mu, self.sd = float(y.mean()), float(y.std() + 1e-8)
+        z = ((y - self.mu) / self.sd)[:, None]
+        self.a, self.b = np.zeros(counts.shape[1]), np.zeros(counts.shape[1])
+        for k in range(counts.shape[1]):
+            if counts[:, k].sum() > 0:
+                reg = PoissonRegressor(alpha=self.alpha, max_iter=300).fit(z, counts[:, k])
+                self.a[k], self.b[k] = reg.intercept_, reg.coef_[0]
+            else:
+                self.a[k] = -10.0
+        return self
+
+    def predict(self, counts: np.ndarray) -> np.ndarray:
+        z = np.linspace(-4, 4, self.grid)
+        eta = self.a[None, :] + self.b[None, :] * z[:, None]  # (G, K)
+        log_post = counts @ eta.T - np.exp(eta).sum(1)[None] - 0.5 * z[None] ** 2  # (W, G)
+        return self.mu + self.sd * z[log_post.argmax(1)]
+
+
+@torch.no_grad()
+def pooled_features(model: Neuroformer, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
+    """The model's pooled last hidden state of each window (what its behaviour head reads): (n_windows, d)."""
+    model.eval()
+    feats = []
+    for s in range(0, len(dataset), batch_size):
+        batch = _stack([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))], model.pad)
+        feats.append(model(batch)["pooled"].numpy())
+    return np.concatenate(feats)
 
 
 @torch.no_grad()
