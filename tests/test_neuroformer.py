@@ -334,3 +334,28 @@ def test_cli_pretrain_export_then_few_shot_finetune(tmp_path, small_dm):
     assert len(dm.train_set) == round(0.05 * len(dm.windows("train")))
     assert not torch.equal(task.model.behaviour_head.weight, before)
     assert task.model.biozoo_config()["kwargs"]["behaviour_head"] == "regression"
+
+
+def test_shipped_pretraining_checkpoint_fine_tunes_a_behaviour_head():
+    """neuroformer.sim100_pretrain (spikes + frames, behaviour withheld) is what finetune_speed_pretrain.yaml reads."""
+    pre = create_model("neuroformer", pretrained="sim100_pretrain")
+    assert pre.behaviour_mlp is None and pre.video_encoder is not None and pre.history_blocks[0].attn.n_head == 1
+    task = NeuroformerTask(finetune_from="neuroformer.sim100_pretrain",
+                           data_dims={"behaviour_head": "regression", "n_behaviour_out": 1})
+    assert task.model.behaviour_head.out_features == 1
+    assert torch.equal(task.model.head_id.weight, pre.head_id.weight)
+
+
+def test_shipped_spikes_only_checkpoint_reads_connectivity_from_its_attention(tmp_path):
+    """neuroformer.sim100_spikes on fresh spikes of its own network (seed 0 fixes the adjacency): the gradient
+    rollout of its decoder attention ranks the true couplings well above the model-free co-occurrence."""
+    model = create_model("neuroformer", pretrained="sim100_spikes")
+    dm = SpikesDataModule(source="simulate", n_neurons=100, duration_s=100.0, sim_seed=0, window_prev=0.1,
+                          prev_block_size=150, behaviour="none", use_frames=False, data_dir=str(tmp_path),
+                          sim_kwargs={"stimulus": False, "behaviour": False, "base_rate": [2.0, 6.0]})
+    dm.setup()
+    test, adjacency = dm.windows("test"), dm.data.adjacency
+    grad = attention_connectivity(model, test, max_windows=256, layers="decoder", readout="grad")
+    uniform = attention_connectivity(model, test, max_windows=256, layers="decoder", uniform=True)
+    assert connectivity_auroc(grad, adjacency) > connectivity_auroc(uniform, adjacency) + 0.1
+    assert direction_auroc(grad, adjacency, dm.data.meta["hubs"])["auroc"] > 0.8

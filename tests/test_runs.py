@@ -125,9 +125,9 @@ def test_an_interrupted_fit_saves_inside_its_own_run_and_resumes_only_when_asked
                             env={**os.environ, "WANDB_MODE": "offline"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (root / "version_0" / "hparams.yaml").exists():
+    # metrics.csv is first flushed after 100 training steps: the loop is running (a signal during setup saves nothing)
+    while time.time() < deadline and not (root / "version_0" / "metrics.csv").exists():
         time.sleep(0.1)
-    time.sleep(1.5)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: Lightning stops gracefully and the callback saves the state
     proc.communicate(timeout=60)
     crash = root / "version_0" / "checkpoints" / "on_exception.ckpt"
@@ -197,7 +197,7 @@ def test_a_bad_checkpoint_path_in_a_union_gives_its_real_cause(tmp_path):
             "--model.init_args.finetune_from", "models/weights/neuroformer.sim100"]
     line = last_line_error(run_biozoo(*args, cwd=tmp_path, check=False))
     assert line == ("biozoo: error: no checkpoint at models/weights/neuroformer.sim100 (give a folder with "
-                    "config.json + model.safetensors, or a tag: neuroformer.sim100)")
+                    "config.json + model.safetensors, or a tag: neuroformer.sim100, neuroformer.sim100_pretrain, neuroformer.sim100_spikes)")
     debug = run_biozoo(*args, "--debug", cwd=tmp_path, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     assert not (tmp_path / "runs").exists()  # only the data cache (data_dir) was written

@@ -347,11 +347,12 @@ def window_attention(model: Neuroformer, batch: dict[str, torch.Tensor], layers:
 
 def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int = 64,
                            max_windows: int | None = None, layers: str = "history",
-                           uniform: bool = False, readout: str = "raw") -> np.ndarray:
+                           uniform: bool = False, readout: str = "raw", normalise: bool = False) -> np.ndarray:
     """(n_neurons, n_neurons) score for j -> i (source row j, target column i), accumulated the official way
-    (attention_vis.get_att_neurons): the attention that queries predicting neuron i pay to tokens of neuron j
-    ('history': the past window; 'decoder': the current window), read by `window_attention` (`readout`), summed
-    over windows and divided by the number of i targets and by the average score that tokens of j receive.
+    (attention_vis.get_att_neurons, `attention_scores[target, keys] += score`): the attention that queries
+    predicting neuron i pay to tokens of neuron j ('history': the past window; 'decoder': the current window),
+    read by `window_attention` (`readout`) and summed over windows. `normalise` divides it by the number of i
+    targets and by the average score that tokens of j receive (not official).
 
     `uniform=True` replaces the attention by equal weights on every key the layer may attend to: the same readout
     with no model in it (what an untrained model gives), i.e. how often j's tokens precede i's. Attention at a
@@ -377,6 +378,8 @@ def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int
         k = F.one_hot(keys, n + 3).double()  # (B, S, V)
         total += torch.einsum("bti,bts,bsj->ij", q, att, k)
         rows += q.sum((0, 1))
+    if not normalise:
+        return total[:n, :n].t().numpy()  # [j, i]
     per_target = (total / rows.clamp_min(1)[:, None])[:n, :n]  # [i, j]: mean attention of i-queries to j
     score = per_target / per_target.mean(0, keepdim=True).clamp_min(1e-12)
     return score.t().numpy()  # [j, i]
