@@ -270,8 +270,8 @@ class Neuroformer(PretrainedMixin, nn.Module):
                  n_history_layers: int = 1, n_stimulus_layers: int = 1, n_behaviour_layers: int = 1,
                  frame_shape: list[int] | None = None, patch_size: list[int] = (3, 4, 4),
                  patch_stride: list[int] | None = None, frame_encoder: str = "conv", frame_pos_emb: bool = True,
-                 n_behaviour: int = 0,
-                 behaviour_len: int = 1, behaviour_head: str = "none", n_behaviour_out: int = 1, clip: bool = True,
+                 n_behaviour: int = 0, behaviour_len: int = 1, behaviour_head: str = "none",
+                 n_behaviour_out: int = 1, clip: bool = True,
                  clip_dim: int | None = None, clip_temp: float = 0.5, clip_symmetric: bool = False,
                  dropout: float = 0.2, temporal_embedding: str = "sincos", mask_past_pad: bool = True,
                  pool_pad: bool = False):
@@ -382,8 +382,7 @@ class Neuroformer(PretrainedMixin, nn.Module):
             check_shape("neuroformer", frames, f"frames (B, {want})", fits)
             if isinstance(self.video_encoder, nn.Linear):
                 b, f, h, w = frames.shape
-                p = self.video_encoder.in_features ** 0.5
-                p = int(round(p))
+                p = math.isqrt(self.video_encoder.in_features)
                 check_shape("neuroformer", frames, f"frames (B, T, H, W) with H and W divisible by {p}",
                             h % p == 0 and w % p == 0)
                 patches = frames.float().view(b, f, h // p, p, w // p, p).permute(0, 1, 2, 4, 3, 5)
