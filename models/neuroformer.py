@@ -516,8 +516,24 @@ class Neuroformer(PretrainedMixin, nn.Module):
         them, `frames`, `behaviour`, `behaviour_dt`. `context_fn(w)` returns window w's frames/behaviour (and
         its real past when `true_past`); otherwise the past is rebuilt from the generated spikes. Returns
         {"ids", "dts"}: per window (B, L) tokens (EOS, then EOS padding, after a window ends), and "spikes": per
-        row, (neuron ids, bins from the start of window 0).
+        row, (neuron ids, bins from the start of window 0). One cached row on a CPU runs on one thread (restored
+        after).
         """
+        b = len(batch["id_prev"])
+        threads = torch.get_num_threads()
+        if use_cache and b == 1 and batch["id_prev"].device.type == "cpu":
+            # one cached token is ~150 tiny ops: on a CPU, waking other threads for each costs more than it saves
+            # (1.1-1.2x faster on one thread; benchmarks/neuroformer_speed.py)
+            torch.set_num_threads(1)
+        try:
+            return self._generate(batch, n_windows, context_fn, top_p, temperature, use_cache, generator, max_tokens,
+                                  ignore_eos, true_past)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _generate(self, batch: dict[str, torch.Tensor], n_windows: int, context_fn: Callable | None, top_p: float,
+                  temperature: float, use_cache: bool, generator: torch.Generator | None, max_tokens: int | None,
+                  ignore_eos: bool, true_past: bool) -> dict[str, Any]:
         was_training = self.training
         self.eval()
         device = batch["id_prev"].device
