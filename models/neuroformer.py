@@ -119,7 +119,7 @@ class KVCache:
     (taken once per window)."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                 weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.n = 0
@@ -214,7 +214,7 @@ class Block(nn.Module):
         self-attention keys/values from the fused projection, appended to `cache`; cross-attention keys/values
         `kv` precomputed for the window, with `bias` (0 / -inf) on masked keys; explicit attention, since one query
         needs no fused kernel."""
-        w = weights or (cache.weights if cache is not None and cache.weights else self.step_weights())
+        w = weights or (cache.weights if cache is not None else self.step_weights())
         n_head = self.attn.n_head
         b, _, d = x.shape
         x = x.view(b, d)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -178,6 +178,14 @@ def _stack(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch
     return collate_windows(items, pad_id)
 
 
+def window_batches(dataset: Dataset, pad_id: int, batch_size: int = 64,
+                   max_windows: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The first `max_windows` windows of `dataset` (all by default), in order, as padded batches."""
+    idx = np.arange(len(dataset))[:max_windows]
+    for s in range(0, len(idx), batch_size):
+        yield _stack([dataset[int(i)] for i in idx[s:s + batch_size]], pad_id)
+
+
 def set_scores(true_sets: list[set[int]], pred_sets: list[set[int]]) -> dict[str, float]:
     """Per-window precision / recall / F1 of generated vs real neuron sets, averaged over windows in which
     either fired (official analysis.compute_scores with the standard set definitions)."""
@@ -202,9 +210,7 @@ def teacher_forced_scores(model: Neuroformer, dataset: Dataset, batch_size: int 
     model.eval()
     n = model.n_neurons
     tp, fp, fn = np.zeros(model.id_vocab), np.zeros(model.id_vocab), np.zeros(model.id_vocab)
-    idx = np.arange(len(dataset))[:max_windows]
-    for s in range(0, len(idx), batch_size):
-        batch = _stack([dataset[int(i)] for i in idx[s:s + batch_size]], model.pad)
+    for batch in window_batches(dataset, model.pad, batch_size, max_windows):
         logits = model(batch)["id_logits"]
         target = batch["id_target"]
         keep = target < n
@@ -363,9 +369,7 @@ def attention_connectivity(model: Neuroformer, dataset: Dataset, batch_size: int
     model.eval()
     n = model.n_neurons
     total, rows = torch.zeros(n + 3, n + 3, dtype=torch.float64), torch.zeros(n + 3, dtype=torch.float64)
-    idx = np.arange(len(dataset))[:max_windows]
-    for s in range(0, len(idx), batch_size):
-        batch = _stack([dataset[int(i)] for i in idx[s:s + batch_size]], model.pad)
+    for batch in window_batches(dataset, model.pad, batch_size, max_windows):
         keys = batch["id_prev"] if layers == "history" else batch["id"]
         if uniform:
             t = batch["id"].shape[1]
@@ -565,19 +569,14 @@ class GLMDecoder:
 def pooled_features(model: Neuroformer, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
     """The model's pooled last hidden state of each window (what its behaviour head reads): (n_windows, d)."""
     model.eval()
-    feats = []
-    for s in range(0, len(dataset), batch_size):
-        batch = _stack([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))], model.pad)
-        feats.append(model(batch)["pooled"].numpy())
-    return np.concatenate(feats)
+    return np.concatenate([model(batch)["pooled"].numpy() for batch in window_batches(dataset, model.pad, batch_size)])
 
 
 @torch.no_grad()
 def behaviour_predictions(model: Neuroformer, dataset: Dataset, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     preds, targets = [], []
-    for s in range(0, len(dataset), batch_size):
-        batch = _stack([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))], model.pad)
+    for batch in window_batches(dataset, model.pad, batch_size):
         preds.append(model(batch)["behaviour"][:, 0].numpy())
         targets.append(batch["behaviour_target"][:, 0].numpy())
     return np.concatenate(preds), np.concatenate(targets)
