@@ -1,15 +1,21 @@
 """CTM speed and memory against the official implementation, in one process (same config, seed and threads).
 
-Configuration (issue 3): d_model 256, d_input 64, heads 4, n_synch 32/32 random-pairing, synapse depth 1,
-memory 10, NLM hidden 16, 25 ticks, batch 32, parity length 64 (parity backbone + custom-rotational-1d).
+Configurations (`--config`):
+- parity (default): d_model 256, d_input 64, heads 4, n_synch 32/32 random-pairing, synapse depth 1, memory 10,
+  NLM hidden 16, 25 ticks, batch 32, parity length 64 (parity backbone + custom-rotational-1d).
+- image: the official image_classification argparse defaults with a resnet18-2 backbone and 50 ticks (d_model
+  512, d_input 128, heads 4, n_synch 512/512 random-pairing, synapse U-Net depth 4, memory 25, NLM hidden 4, no
+  positional embedding), batch 16 of 3x32x32, cross-entropy at the most-certain and min-loss ticks.
 
     python benchmarks/ctm_speed.py                                   # ours only
     python benchmarks/ctm_speed.py --official-path /tmp/ctm_official # + the official code (a checkout of
                                                                      #   SakanaAI/continuous-thought-machines)
+    python benchmarks/ctm_speed.py --config image --official-path /tmp/ctm_official --runs 7 --skip-adaptive
 
 Prints forward (no_grad) and forward+backward medians, the bytes saved for backward per tick (autograd's
 saved-tensor hooks, T=25 minus T=12, divided by 13), the largest output and gradient differences after loading
-the official weights into ours, and the ratios. Then the adaptive-compute table of the shipped parity checkpoint.
+the official weights into ours, and the ratios. Memory per tick is the difference between T and T/2 ticks. Then
+the adaptive-compute table of the shipped parity checkpoint.
 The official code is imported from --official-path only; nothing of it is stored in this repository.
 """
 
@@ -27,23 +33,37 @@ import biozoo
 from biozoo.envs.parity import parity_batch
 from biozoo.train.ctm import adaptive_compute_table, ctm_loss, format_table
 
-CONFIG = dict(iterations=25, d_model=256, d_input=64, heads=4, n_synch_out=32, n_synch_action=32, synapse_depth=1,
+PARITY = dict(iterations=25, d_model=256, d_input=64, heads=4, n_synch_out=32, n_synch_action=32, synapse_depth=1,
               memory_length=10, deep_nlms=True, memory_hidden_dims=16, do_layernorm_nlm=False,
               backbone_type="parity_backbone", positional_embedding_type="custom-rotational-1d", out_dims=128,
               prediction_reshaper=[64, 2], dropout=0.0, neuron_select_type="random-pairing", n_random_pairing_self=0)
+IMAGE = dict(iterations=50, d_model=512, d_input=128, heads=4, n_synch_out=512, n_synch_action=512, synapse_depth=4,
+             memory_length=25, deep_nlms=True, memory_hidden_dims=4, do_layernorm_nlm=False,
+             backbone_type="resnet18-2", positional_embedding_type="none", out_dims=10, prediction_reshaper=[-1],
+             dropout=0.0, neuron_select_type="random-pairing", n_random_pairing_self=0)
+CONFIGS = {"parity": PARITY, "image": IMAGE}
+
+
+def batch(config: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    if config["backbone_type"] == "parity_backbone":
+        return parity_batch(32, 64, generator)
+    return torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
 
 
 def official_model(path: str, config: dict, seed: int):
     sys.path.insert(0, path)
     from models.ctm import ContinuousThoughtMachine  # the official package, imported from `path`
-    from utils.losses import parity_loss
+    from utils.losses import image_classification_loss, parity_loss
 
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = ContinuousThoughtMachine(**config)
     with torch.no_grad():
-        model(parity_batch(2, 64)[0])  # materialise the lazy layers
-    return model, lambda out, y: parity_loss(out[0].reshape(out[0].size(0), 64, 2, -1), out[1], y)[0]
+        model(batch(config, seed)[0][:2])  # materialise the lazy layers
+    if config["backbone_type"] == "parity_backbone":
+        return model, lambda out, y: parity_loss(out[0].reshape(out[0].size(0), 64, 2, -1), out[1], y)[0]
+    return model, lambda out, y: image_classification_loss(out[0], out[1], y)[0]
 
 
 def our_model(config: dict, seed: int):
@@ -84,17 +104,18 @@ def saved_bytes(model, loss_fn, x, y) -> tuple[int, int]:
     return total, sum(storages.values())
 
 
-def memory_per_tick(make, x, y) -> tuple[float, float]:
-    sizes = []
-    for ticks in (25, 12):
-        model, loss_fn = make({**CONFIG, "iterations": ticks})
+def memory_per_tick(make, config: dict, x, y) -> tuple[float, float]:
+    sizes, ticks = [], (config["iterations"], config["iterations"] // 2)
+    for t in ticks:
+        model, loss_fn = make({**config, "iterations": t})
         sizes.append(saved_bytes(model, loss_fn, x, y))
-    return tuple((a - b) / 13 / 2**20 for a, b in zip(*sizes))
+    return tuple((a - b) / (ticks[0] - ticks[1]) / 2**20 for a, b in zip(*sizes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-path", default=None, help="a checkout of SakanaAI/continuous-thought-machines")
+    parser.add_argument("--config", choices=list(CONFIGS), default="parity")
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -103,10 +124,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    x, y = parity_batch(32, 64, torch.Generator().manual_seed(args.seed))
-    models = {"ours": our_model(CONFIG, args.seed)}
+    config = CONFIGS[args.config]
+    x, y = batch(config, args.seed)
+    models = {"ours": our_model(config, args.seed)}
     if args.official_path:
-        models["official"] = official_model(args.official_path, CONFIG, args.seed)
+        models["official"] = official_model(args.official_path, config, args.seed)
         ours, official = models["ours"][0], models["official"][0]
         ours.load_state_dict(official.state_dict())
         for m in (ours, official):
@@ -122,7 +144,7 @@ def main() -> None:
         print(f"outputs with the official weights: max |diff| predictions {diffs[0]:.2e}, certainties "
               f"{diffs[1]:.2e}, synchronisation {diffs[2]:.2e}; gradients {grad_diff:.2e}")
     print(f"parameters: {sum(p.numel() for p in models['ours'][0].parameters()):,}; threads {args.threads}; "
-          f"batch 32, 25 ticks, parity 64")
+          f"{args.config}: batch {len(x)}, {config['iterations']} ticks, input {tuple(x.shape[1:])}")
 
     times = {(name, mode): [] for name in models for mode in ("fwd", "fwd+bwd")}
     for i in range(args.warmup + args.runs):  # interleaved, so a busy machine slows both alike
@@ -132,9 +154,9 @@ def main() -> None:
                 if i >= args.warmup:
                     times[name, mode].append(t)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    memory = {"ours": memory_per_tick(lambda c: our_model(c, args.seed), x, y)}
+    memory = {"ours": memory_per_tick(lambda c: our_model(c, args.seed), config, x, y)}
     if args.official_path:
-        memory["official"] = memory_per_tick(lambda c: official_model(args.official_path, c, args.seed), x, y)
+        memory["official"] = memory_per_tick(lambda c: official_model(args.official_path, c, args.seed), config, x, y)
     print(f"{'':10s} {'forward':>10s} {'fwd+bwd':>10s} {'saved/tick':>12s} {'distinct/tick':>14s}")
     for name in models:
         print(f"{name:10s} {medians[name, 'fwd']:9.3f}s {medians[name, 'fwd+bwd']:9.3f}s "

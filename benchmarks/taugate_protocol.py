@@ -3,14 +3,20 @@
     python benchmarks/taugate_protocol.py                    # 8x8 digits, offline (~1 h on 2 shared cores)
     python benchmarks/taugate_protocol.py --data mnist       # MNIST 784-256-256-10, files under data/MNIST/raw
     python benchmarks/taugate_protocol.py --quick            # 2 seeds, few epochs: a smoke run of the pipeline
+    python benchmarks/taugate_protocol.py --arch transformer --protocols headroom   # digits as 8 rows of 8 pixels
+    python benchmarks/taugate_protocol.py --arch ctm --protocols headroom          # the digits CTM, gating its neurons
 
-Protocols (both run; per seed s a foundation MLP in-256-256-10 is trained with seed s, then every method is
-fine-tuned from that same foundation with seed s, so differences are paired by seed):
+Protocols (both run; per seed s a foundation is trained with seed s, then every method is fine-tuned from that
+same foundation with seed s, so differences are paired by seed). The foundation (`--arch`): the MLP in-256-256-10,
+a small Transformer (`transformer`: 2 pre-norm layers, d_model 64, GELU feed-forward 128, one token per image row)
+or the digits CTM (`ctm`: configs/ctm/digits.yaml's model; TauGate gates its 128 neurons alone, LoRA adapts its
+Linear layers -- the attention's fused weights are read directly, so LoRA does not target them):
 - mix: the foundation learns a 50/50 mixture (every training image upright and rotated by +45 degrees, bilinear);
   each method then specialises it to the rotated mode for a fixed number of epochs (`--epochs`, 30).
 - headroom: the foundation learns upright images only; each method trains until validation stops improving
   (early stopping with `--patience` epochs, at most `--max-epochs`).
-Methods: frozen, TauGate, LoRA r=1/2/4/8 (peft, target_modules = the three Linear layers by name, alpha = 2r),
+Methods: frozen, TauGate, LoRA r=1/2/4/8 (peft, target_modules = the Linear layers by name, and the
+Transformer's attention blocks, alpha = 2r),
 BitFit, head-only, full fine-tune. All of them: AdamW (no weight decay), constant learning rate, batch 128, the
 same epochs, and the same selection rule -- the epoch with the lowest validation loss on rotated images (KeepBest).
 The learning rate of each method is chosen from a grid (`--lrs`, `--headroom-lrs`) by the same rule on a separate
@@ -44,6 +50,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from biozoo._core import as_output
 from biozoo.envs.rotated import RotatedDigitsDataModule, RotatedMNISTDataModule
 from biozoo.models import load_pretrained
 from biozoo.models.taugate import TauGate, find_gate_sites, plot_class_activity, record_outputs
@@ -64,7 +71,27 @@ PROTOCOLS = {
     "headroom": {"title": "headroom: upright-only foundation, specialised to rotated",
                  "foundation": {"rotated_fraction": 0.0, "mixture": "subset"}},
 }
-LORA_TARGETS = ["features.0", "features.2", "head"]
+CTM_DIGITS = Path(__file__).resolve().parents[1] / "configs" / "ctm" / "digits.yaml"
+
+
+def ctm_kwargs() -> dict:
+    import yaml
+
+    return yaml.safe_load(CTM_DIGITS.read_text())["model"]["init_args"]["model_kwargs"]
+
+
+ARCHS = {  # foundation model, its loss and learning rate, LoRA's target modules, TauGate's sites (None: all)
+    "mlp": {"model": "mlp", "kwargs": lambda: {"hidden": [256, 256]}, "loss": "cross_entropy", "lr": 2e-3,
+            "lora": ["features.0", "features.2", "head"], "include": None},
+    "transformer": {"model": "transformer", "kwargs": lambda: {"d_model": 64, "heads": 4, "layers": 2,
+                                                              "dim_feedforward": 128},
+                    "loss": "cross_entropy", "lr": 1e-3, "include": None,
+                    "lora": ["embed", *(f"encoder.layers.{i}.{m}" for i in range(2)
+                                        for m in ("self_attn", "linear1", "linear2")), "head"]},
+    "ctm": {"model": "ctm", "kwargs": ctm_kwargs, "loss": "ctm", "lr": 1e-3, "include": ["neurons"],
+            "lora": ["positional_embedding.Wr", "positional_embedding.mlp.0", "positional_embedding.mlp.2",
+                     "kv_proj.0", "q_proj", "synapses.1", "output_projector.0"]},
+}
 
 
 def quiet() -> None:
@@ -95,14 +122,15 @@ def fit(task: L.LightningModule, dm, max_epochs: int, patience: int | None, extr
 
 
 def foundation(args, protocol: str, seed: int) -> Path:
-    """Train (or reuse) the foundation MLP of `protocol` for `seed`; returns its portable folder."""
+    """Train (or reuse) the foundation (`--arch`) of `protocol` for `seed`; returns its portable folder."""
     folder = args.out / "foundations" / f"{protocol}_s{seed}"
     if (folder / "model.safetensors").exists():
         return folder
     L.seed_everything(seed, verbose=False)
     dm = datamodule(args.data, seed, **PROTOCOLS[protocol]["foundation"])
-    task = SupervisedTask(model="mlp", model_kwargs={"hidden": [256, 256]}, data_dims=dm.dims, lr=2e-3,
-                          scheduler="constant")
+    arch = ARCHS[args.arch]
+    task = SupervisedTask(model=arch["model"], model_kwargs=arch["kwargs"](), data_dims=dm.dims, loss=arch["loss"],
+                          lr=arch["lr"], scheduler="constant")
     fit(task, dm, args.foundation_epochs, patience=10)
     task.model.save_pretrained(folder)
     return folder
@@ -118,7 +146,7 @@ def tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(chunk) for chunk in x.split(2000)])
+    return torch.cat([as_output(model(chunk)).logits for chunk in x.split(2000)])
 
 
 def accuracy(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -141,8 +169,10 @@ def run_method(args, protocol: str, name: str, seed: int, lr: float, tests: dict
     folder = foundation(args, protocol, seed)
     L.seed_everything(seed, verbose=False)
     dm = datamodule(args.data, seed, rotated_fraction=1.0)
-    task = PEFTTask(**METHODS[name], checkpoint_path=str(folder), data_dims=dm.dims, lr=lr, scheduler="constant",
-                    lora_targets=LORA_TARGETS)
+    arch = ARCHS[args.arch]
+    task = PEFTTask(**METHODS[name], model=arch["model"], model_kwargs=arch["kwargs"](), checkpoint_path=str(folder),
+                    data_dims=dm.dims, loss=arch["loss"], lr=lr,
+                    scheduler="constant", lora_targets=arch["lora"], taugate_include=arch["include"])
     start = time.perf_counter()
     keep = None
     if trainable_count(task) > 0:
@@ -151,13 +181,15 @@ def run_method(args, protocol: str, name: str, seed: int, lr: float, tests: dict
                    None if protocol == "mix" else args.patience, anneal)
     model = task.model.eval()
     base = load_pretrained(folder)
-    names = [n for n, *_ in find_gate_sites(base)]
-    thresholds = [out.mean().item() for out in record_outputs(base, hidden_modules(base, names), tests["rotated"][0])]
     row = {"protocol": protocol, "method": name, "seed": seed, "lr": lr, "trainable": trainable_count(task),
            "rotated": accuracy(model, tests["rotated"]), "upright": accuracy(model, tests["upright"]),
-           "strong": strongly_active(model, names, tests["rotated"][0], thresholds),
-           "best_epoch": keep.best_epoch if keep else None, "val_loss": keep.best_score if keep else None,
-           "seconds": time.perf_counter() - start}
+           "strong": None, "best_epoch": keep.best_epoch if keep else None,
+           "val_loss": keep.best_score if keep else None, "seconds": time.perf_counter() - start}
+    if args.arch == "mlp":  # its hidden units are modules, so every method's can be read the same way
+        names = [n for n, *_ in find_gate_sites(base)]
+        rotated = tests["rotated"][0]
+        thresholds = [out.mean().item() for out in record_outputs(base, hidden_modules(base, names), rotated)]
+        row["strong"] = strongly_active(model, names, rotated, thresholds)
     if isinstance(model, TauGate):
         row["hard"] = row["rotated"]
         row["soft"] = accuracy(model.set_mode("soft"), tests["rotated"])
@@ -188,7 +220,7 @@ class Cache:
 
     @staticmethod
     def key(protocol: str, method: str, seed: int, lr: float, settings: dict) -> str:
-        fields = ["data", "foundation_epochs", "anneal"] + (["epochs"] if protocol == "mix" else ["max_epochs", "patience"])
+        fields = ["data", "arch", "foundation_epochs", "anneal"] + (["epochs"] if protocol == "mix" else ["max_epochs", "patience"])
         return json.dumps([protocol, method, seed, lr, {k: settings.get(k) for k in fields}], sort_keys=True)
 
     def get(self, protocol: str, method: str, seed: int, lr: float) -> dict | None:
@@ -256,7 +288,7 @@ def summarise(rows: list[dict], protocol: str) -> list[dict]:
                    "rotated": mean("rotated"), "rotated_std": std("rotated"), "delta": t_interval(diffs),
                    "wtl": (sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)),
                    "upright": mean("upright"), "upright_std": std("upright"), "upright_delta": t_interval(up_diffs),
-                   "strong": mean("strong"),
+                   "strong": None if runs[0]["strong"] is None else mean("strong"),
                    "epochs": statistics.mean(r["best_epoch"] + 1 if r["best_epoch"] is not None else 0 for r in runs)}
         if "soft" in runs[0]:
             summary.update(soft=mean("soft"), hard=mean("hard"), gate_on=mean("gate_on"),
@@ -278,7 +310,8 @@ def markdown(summaries: list[dict], title: str) -> str:
         epochs, lr = ("—", "—") if s["method"] == "frozen" else (f"{s['epochs']:.1f}", f"{s['lr']:g}")
         lines.append(f"| {s['method']} | {s['trainable']:,} | {lr} | {epochs} | "
                      f"{s['rotated']:.1f} ± {s['rotated_std']:.1f} | {ci} | {wtl} | "
-                     f"{s['upright']:.1f} ± {s['upright_std']:.1f} | {s['strong']:.1f} | {gate} |")
+                     f"{s['upright']:.1f} ± {s['upright_std']:.1f} | "
+                     f"{'—' if s['strong'] is None else format(s['strong'], '.1f')} | {gate} |")
     tg = next((s for s in summaries if "soft" in s), None)
     if tg:
         lines += ["", f"TauGate: {tg['gate_on']:.1f}% of hidden units pass the hard gate and fire on rotated test "
@@ -336,6 +369,7 @@ def neuron_plot(args, protocol: str, lr: float, tests: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=["digits", "mnist"], default="digits")
+    parser.add_argument("--arch", choices=list(ARCHS), default="mlp", help="the foundation model")
     parser.add_argument("--seeds", type=int, default=10, help="seeds of the 50/50 (mix) protocol")
     parser.add_argument("--headroom-seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs of the mix protocol")
@@ -351,8 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocols", default="mix,headroom")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS)[1:],
-                        help="run only these (comma-separated), to split the work over processes; the tables "
-                             "are written when all methods ran")
+                        help="run only these (comma-separated); the tables list these and frozen. To split the "
+                             "work over processes, give each a share, then run once more with all (cached)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 3/10 epochs: checks the pipeline only")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
     args = parser.parse_args(argv)
@@ -362,11 +396,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.seeds, args.headroom_seeds, args.epochs, args.max_epochs, args.foundation_epochs = 2, 2, 3, 10, 10
         args.lrs, args.headroom_lrs = args.lrs[-2:], args.headroom_lrs[-2:]
-    args.out = args.out or Path("runs/taugate_protocol") / (args.data + ("_quick" if args.quick else ""))
+    tag = args.data + ("" if args.arch == "mlp" else f"_{args.arch}") + ("_quick" if args.quick else "")
+    args.out = args.out or Path("runs/taugate_protocol") / tag
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     quiet()
-    settings = {k: getattr(args, k) for k in ("data", "epochs", "max_epochs", "patience", "foundation_epochs", "anneal")}
+    settings = {k: getattr(args, k) for k in ("data", "arch", "epochs", "max_epochs", "patience", "foundation_epochs", "anneal")}
     cache = Cache(args.out / "runs.jsonl", settings, args.fresh)
     started = time.perf_counter()
     all_rows, all_summaries, sections = [], {}, []
@@ -377,17 +412,16 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             tests = test_sets(args, seed)
             all_rows += [measure(args, cache, protocol, name, seed, lrs[name], tests) for name in lrs]
-        if len(lrs) < len(METHODS):
-            continue  # a partial run (--methods) only fills the cache
         all_summaries[protocol] = summarise(all_rows, protocol)
         sections.append(markdown(all_summaries[protocol], f"{PROTOCOLS[protocol]['title']} "
                                                            f"({args.data}, {len(seeds)} seeds)"))
-        neuron_plot(args, protocol, lrs["TauGate"], test_sets(args, 0))
+        if args.arch == "mlp":
+            neuron_plot(args, protocol, lrs["TauGate"], test_sets(args, 0))
     if not all_summaries:
         return
     plot_tradeoff(all_summaries, args.out / "tradeoff.png")
-    header = (f"# TauGate protocol ({args.data})\n\n`python benchmarks/taugate_protocol.py --data {args.data}"
-              f"{' --quick' if args.quick else ''}`: AdamW, constant lr per method from {args.lrs} (mix) or "
+    header = (f"# TauGate protocol ({args.data}, {args.arch})\n\n`python benchmarks/taugate_protocol.py --data "
+              f"{args.data} --arch {args.arch}{' --quick' if args.quick else ''}`: AdamW, constant lr per method from {args.lrs} (mix) or "
               f"{args.headroom_lrs} (headroom), chosen by the lowest validation loss on tuning seed {args.tune_seed}; batch 128, selection = lowest rotated validation "
               f"loss; mix: {args.epochs} epochs; headroom: early stopping (patience {args.patience}, cap "
               f"{args.max_epochs}). Test: {len(test_sets(args, 0)['rotated'][1])} held-out images, upright and "

@@ -93,6 +93,10 @@ def env_spec(env: gym.Env | gym.vector.VectorEnv, env_id: str = "", env_kwargs: 
         raise BiozooError(f"{env_id or env} observes {obs_space}; the harness reads Box observations")
     obs_dim = int(np.prod(obs_space.shape))
     extras: dict[str, Any] = {"obs_dim": obs_dim}
+    try:  # a MiniGrid symbolic view read flat (biozoo.envs.minigrid_view): its grid shape, for navigation backbones
+        extras["minigrid_view"] = list(env.get_wrapper_attr("minigrid_view"))
+    except AttributeError:
+        pass
     n_links = (env_kwargs or {}).get("n_links", getattr(getattr(env, "unwrapped", env), "n_links", None))
     if n_links is not None or env_id in JOINT_OFFSET:
         extras["n_links"] = int(n_links if n_links is not None else np.prod(action_space.shape) + 1)

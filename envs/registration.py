@@ -20,6 +20,8 @@ ENVS: dict[str, dict[str, Any]] = {
                                  "kwargs": {"base": "CartPole-v1"}},
     "biozoo/AcrobotMasked-v1": {"entry_point": "biozoo.envs.classic:make_masked", "max_episode_steps": 500,
                                 "kwargs": {"base": "Acrobot-v1"}},
+    "biozoo/MiniGrid-FourRooms-v0": {"entry_point": "biozoo.envs.minigrid_view:make_minigrid",
+                                     "max_episode_steps": 300, "kwargs": {"base": "MiniGrid-FourRooms-v0"}},
 }
 
 

@@ -6,6 +6,11 @@
   step: with `state` (see `initial_state`) it runs as a recurrent policy across env steps.
 - mlp_policy: an MLP (tanh) behind its own `RunningNorm`, whose statistics are saved with the weights (the
   control harness updates them after each rollout); mlp_policy_256 is the NCAP paper's 256x256 one.
+- Transformer: a small pre-norm encoder (Vaswani et al. 2017, arXiv 1706.03762) over tokens read as the LSTM
+  reads steps (an image one row per token), learned positions, mean pooling and a linear head; per token with
+  `per_step=True`. Its feed-forward activation is `nn.TransformerEncoderLayer`'s (a string, so `F.gelu`). PyTorch's
+  fused inference path reads the layers' weights directly, so it is switched off while any layer of the encoder
+  is replaced or hooked (a peft LoRA layer, dendrites), which would otherwise be skipped in eval.
 - ResNet: He et al. 2016 (arXiv 1512.03385), the CIFAR variant of section 4.2: a 3x3 stem, three stages of
   basic blocks with 16/32/64 channels (times `width`/16), depth = 6n + 2, global average pooling.
 
@@ -105,10 +110,9 @@ class LSTMClassifier(PretrainedMixin, nn.Module):
         return zeros, zeros.clone()
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
-        if x.dim() == 4:  # image: one row per step
-            x = x.permute(0, 2, 1, 3).flatten(2)
-        elif x.dim() == 2:  # (B, T) scalars, or one observation step (B, F)
-            x = x.unsqueeze(-1) if self.input_size == 1 else x.unsqueeze(1)
+        x = as_steps(x, self.input_size)
+        if x.dim() == 2:  # one observation step (B, F)
+            x = x.unsqueeze(1)
         check_shape("lstm", x, f"(B, T, {self.input_size}), (B, T) for input_size 1, (B, {self.input_size}) for one "
                     f"step, or an image (B, C, H, W) with C*W = {self.input_size}",
                     x.dim() == 3 and x.shape[-1] == self.input_size)
@@ -119,6 +123,67 @@ class LSTMClassifier(PretrainedMixin, nn.Module):
             return ModelOutput(self.head(out).transpose(1, 2), state=next_state)  # (B, classes, T)
         return ModelOutput(classes_first(self.head(out[:, -1]), self.num_classes, self.positions or []),
                            state=next_state)
+
+
+def as_steps(x: torch.Tensor, input_size: int) -> torch.Tensor:
+    """(B, T, F) as the sequence models read it: an image (B, C, H, W) one row per step, (B, T) scalars as (B, T, 1)."""
+    if x.dim() == 4:
+        return x.permute(0, 2, 1, 3).flatten(2)
+    if x.dim() == 2 and input_size == 1:
+        return x.unsqueeze(-1)
+    return x
+
+
+@register_model(name="transformer")
+class TransformerClassifier(PretrainedMixin, nn.Module):
+    reads = ("sequence", "image")
+
+    def __init__(self, input_size: int = 8, seq_len: int = 8, num_classes: int = 10, d_model: int = 64,
+                 heads: int = 4, layers: int = 2, dim_feedforward: int = 128, activation: str = "gelu",
+                 dropout: float = 0.0, per_step: bool = False, positions: list[int] | None = None):
+        super().__init__()
+        self.input_size, self.seq_len, self.num_classes, self.per_step = input_size, seq_len, num_classes, per_step
+        self.positions = list(positions) if positions and not per_step else None
+        self.embed = nn.Linear(input_size, d_model)
+        self.pos = nn.Parameter(torch.randn(1, seq_len, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward, dropout, activation=activation,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes * math.prod(self.positions or []))
+
+    @classmethod
+    def spec_kwargs(cls, spec: DataSpec, kwargs: dict) -> dict:
+        length, features = spec.sequence_shape
+        per_step = spec.positions == (length,)
+        return {"input_size": features, "seq_len": length, "num_classes": spec.classes, "per_step": per_step,
+                "positions": None if per_step else (list(spec.positions) or None), **kwargs}
+
+    def fused_path_is_exact(self) -> bool:
+        """True while every layer of the encoder is the plain module PyTorch's fused path reads."""
+        plain = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Dropout, nn.TransformerEncoderLayer,
+                 nn.ModuleList, nn.TransformerEncoder, nn.modules.linear.NonDynamicallyQuantizableLinear)
+        return all(type(m) in plain and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in self.encoder.modules())
+
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        if self.training or self.fused_path_is_exact():
+            return self.encoder(h)
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.encoder(h)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        x = as_steps(x, self.input_size)
+        check_shape("transformer", x, f"(B, {self.seq_len}, {self.input_size}), or an image (B, C, H, W) with "
+                    f"H = {self.seq_len} rows of C*W = {self.input_size}",
+                    x.dim() == 3 and x.shape[1:] == (self.seq_len, self.input_size))
+        h = self.encode(self.embed(x) + self.pos)
+        if self.per_step:
+            return ModelOutput(self.head(h).transpose(1, 2))  # (B, classes, T)
+        return head_output(self.head(h.mean(1)), self.num_classes, self.positions)
 
 
 class BasicBlock(nn.Module):

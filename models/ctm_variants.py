@@ -14,7 +14,10 @@ Td = digit frames, Tq = question tokens and A = `iterations_for_answering`, the 
 - answer ticks feed zeros. The loss reads the last A ticks (`CTMOutput.answer_ticks`).
 
 `ctm_rl` (official `ContinuousThoughtMachineRL`, section 8): no attention and no action synchronisation; the
-observation goes through `backbone` (two Linear-GLU-LayerNorm blocks for classic control) and is fed every tick;
+observation goes through `backbone` and is fed every tick: two Linear-GLU-LayerNorm blocks for classic control, or
+for MiniGrid's symbolic view (`navigation-backbone`: a (grid, grid, 3) grid of object, colour and state ids, read
+flat as the registered `biozoo/MiniGrid-*` envs give it) an embedding per id and per cell position projected to
+d_input per cell by the same two blocks, all cells fed;
 the synapses are two GLU blocks at depth 1. The recurrent state carried across environment steps is
 (pre-activation trace (B, D, M), post-activation window (B, D, M)): the window of the last M post-activations
 slides over ticks *and* environment steps, starting from the learned `start_activated_trace`. The output
@@ -42,6 +45,7 @@ from biozoo._core import DataSpec, ModelOutput
 from ._hub import PretrainedMixin
 from ._registry import register_model
 from .ctm import ContinuousThoughtMachine, CTMOutput, TickRecorder, attend, attention_memory
+from .ctm.blocks import make_synapses
 from .errors import BiozooError, check_choice, check_shape
 
 
@@ -197,6 +201,35 @@ class ContinuousThoughtMachineQAMNIST(ContinuousThoughtMachine):
 
 # --- Reinforcement learning ------------------------------------------------------------------------------------
 
+class MiniGridBackbone(nn.Module):
+    """Official navigation-backbone: MiniGrid's (B, grid, grid, 3) ids (object, colour, state), or the same read
+    flat (B, grid * grid * 3), -> embeddings of each id and of the cell position (8 dims each, concatenated) ->
+    [Linear(2 d_input) -> GLU -> LayerNorm] x 2 per cell -> (B, grid * grid * d_input)."""
+
+    def __init__(self, d_input: int, grid_size: int = 7, num_objects: int = 11, num_colors: int = 6,
+                 num_states: int = 3, embedding_dim: int = 8):
+        super().__init__()
+        self.grid_size = grid_size
+        self.object_embedding = nn.Embedding(num_objects, embedding_dim)
+        self.color_embedding = nn.Embedding(num_colors, embedding_dim)
+        self.state_embedding = nn.Embedding(num_states, embedding_dim)
+        self.position_embedding = nn.Embedding(grid_size * grid_size, embedding_dim)
+        self.project_to_d_projection = nn.Sequential(nn.Linear(4 * embedding_dim, 2 * d_input), nn.GLU(),
+                                                     nn.LayerNorm(d_input), nn.Linear(d_input, 2 * d_input), nn.GLU(),
+                                                     nn.LayerNorm(d_input))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, g = x.size(0), self.grid_size
+        ids = x.reshape(B, g * g, 3).long()
+        cells = torch.arange(g * g, device=x.device).expand(B, -1)
+        embedded = torch.cat([self.object_embedding(ids[..., 0]), self.color_embedding(ids[..., 1]),
+                              self.state_embedding(ids[..., 2]), self.position_embedding(cells)], -1)
+        return self.project_to_d_projection(embedded).flatten(1)
+
+
+RL_BACKBONES = ("classic-control-backbone", "navigation-backbone")
+
+
 class ClassicControlBackbone(nn.Module):
     """Official classic-control featuriser: Flatten, [Linear(2 d_input) -> GLU -> LayerNorm] x 2."""
 
@@ -223,6 +256,7 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
     `state` = (pre-activation trace (B, D, M), post-activation window (B, D, M)); `initial_state(B)` gives the
     learned start. Official constructor arguments, plus `obs_dim` (observation size, linked from the env).
     A core without a readout: as a task's model use `ctm_rl_agent`, which adds the official actor and critic.
+    `backbone_type="navigation-backbone"` reads MiniGrid's symbolic view of `grid_size` cells a side instead.
     """
 
     reads = ("observation",)
@@ -232,8 +266,9 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
                  synapse_depth: int = 1, memory_length: int = 10, deep_nlms: bool = True,
                  memory_hidden_dims: int = 4, do_layernorm_nlm: bool = False,
                  backbone_type: str = "classic-control-backbone", prediction_reshaper: Sequence[int] = (-1,),
-                 dropout: float = 0.0, neuron_select_type: str = "first-last", obs_dim: int = 4):
-        check_choice("backbone_type", backbone_type, ("classic-control-backbone",))
+                 dropout: float = 0.0, neuron_select_type: str = "first-last", obs_dim: int = 4,
+                 grid_size: int = 7):
+        check_choice("backbone_type", backbone_type, RL_BACKBONES)
         if neuron_select_type != "first-last":
             raise BiozooError(f"ctm_rl supports neuron_select_type 'first-last' only (as the official), "
                               f"got {neuron_select_type!r}")
@@ -245,12 +280,19 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
                          do_layernorm_nlm=do_layernorm_nlm, backbone_type="none", positional_embedding_type="none",
                          out_dims=1, prediction_reshaper=prediction_reshaper, dropout=dropout,
                          neuron_select_type="first-last", in_channels=d_input)
-        self.backbone_type, self.obs_dim = backbone_type, obs_dim
-        self.backbone = ClassicControlBackbone(obs_dim, d_input)
+        self.backbone_type, self.grid_size = backbone_type, grid_size
+        if backbone_type == "navigation-backbone":
+            self.obs_dim, features = grid_size * grid_size * 3, grid_size * grid_size * d_input
+            self.backbone = MiniGridBackbone(d_input, grid_size)
+        else:
+            self.obs_dim, features = obs_dim, d_input
+            self.backbone = ClassicControlBackbone(obs_dim, d_input)
         if synapse_depth == 1:  # the official RL synapses: two GLU blocks
-            self.synapses = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_input + d_model, 2 * d_model), nn.GLU(),
+            self.synapses = nn.Sequential(nn.Dropout(dropout), nn.Linear(features + d_model, 2 * d_model), nn.GLU(),
                                           nn.LayerNorm(d_model), nn.Linear(d_model, 2 * d_model), nn.GLU(),
                                           nn.LayerNorm(d_model))
+        elif features != d_input:
+            self.synapses = make_synapses(synapse_depth, features + d_model, d_model, dropout)
         self.output_projector = None
         del self.start_activated_state
         self.start_activated_state = None
@@ -275,7 +317,12 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
                 track: bool = False) -> ModelOutput:
         """`.logits`: the output synchronisation (B, S) (features for a head, not classes); `.state` the next
         state; with `track`, extras "pre_activations" / "post_activations" (ticks, B, D)."""
-        check_shape(type(self).__name__, x, f"(B, {self.obs_dim})", x.dim() == 2 and x.size(1) == self.obs_dim)
+        if self.backbone_type == "navigation-backbone":
+            g = self.grid_size
+            check_shape(type(self).__name__, x, f"(B, {g}, {g}, 3) or (B, {self.obs_dim}) MiniGrid ids",
+                        x.shape[1:] in ((g, g, 3), (self.obs_dim,)))
+        else:
+            check_shape(type(self).__name__, x, f"(B, {self.obs_dim})", x.dim() == 2 and x.size(1) == self.obs_dim)
         trace, window = state if state is not None else self.initial_state(x.size(0), x.device)
         features = self.backbone(x)
         trace = trace.transpose(0, 1)  # neuron-major (D, B, M) for the NLMs
@@ -318,19 +365,23 @@ class CTMActorCritic(PretrainedMixin, nn.Module):
 
     @classmethod
     def spec_kwargs(cls, spec: DataSpec, kwargs: dict) -> dict:
+        grid = spec.extras.get("minigrid_view")  # (g, g, 3): MiniGrid's symbolic view, read flat
+        if grid is not None:
+            kwargs = {"backbone_type": "navigation-backbone", "grid_size": int(grid[0]), **kwargs}
         return {"obs_dim": spec.in_features, "num_actions": spec.classes, **kwargs}
 
     def __init__(self, obs_dim: int = 4, num_actions: int = 2, iterations: int = 1, d_model: int = 128,
                  d_input: int = 128, n_synch_out: int = 16, synapse_depth: int = 1, memory_length: int = 10,
                  deep_nlms: bool = True, memory_hidden_dims: int = 4, do_layernorm_nlm: bool = False,
-                 dropout: float = 0.0, head_hidden: int = 64):
+                 dropout: float = 0.0, head_hidden: int = 64, backbone_type: str = "classic-control-backbone",
+                 grid_size: int = 7):
         super().__init__()
         self.num_actions = num_actions
         self.recurrent_model = ContinuousThoughtMachineRL(
             iterations=iterations, d_model=d_model, d_input=d_input, n_synch_out=n_synch_out,
             synapse_depth=synapse_depth, memory_length=memory_length, deep_nlms=deep_nlms,
             memory_hidden_dims=memory_hidden_dims, do_layernorm_nlm=do_layernorm_nlm, dropout=dropout,
-            obs_dim=obs_dim)
+            obs_dim=obs_dim, backbone_type=backbone_type, grid_size=grid_size)
         size = self.recurrent_model.synch_representation_size_out
         self.actor = mlp_head(size, num_actions, head_hidden)
         self.critic = mlp_head(size, 1, head_hidden)

@@ -196,6 +196,13 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln2(x))
         return self.ln_f(x)
 
+    def step_is_exact(self) -> bool:
+        """True while every projection `step` reads is a plain nn.Linear without hooks (not a LoRA layer or one
+        carrying dendrites, which `step` would skip)."""
+        a, (fc1, _, fc2, _) = self.attn, self.mlp
+        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in (a.query, a.key, a.value, a.proj, fc1, fc2))
+
     def step_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(bias, weight) of every projection that `step` multiplies, the weight transposed to (in, out) and
         contiguous, key and value fused: at batch 1 the CPU's `addmm` streams that layout about twice as fast as
@@ -517,8 +524,10 @@ class Neuroformer(PretrainedMixin, nn.Module):
         its real past when `true_past`); otherwise the past is rebuilt from the generated spikes. Returns
         {"ids", "dts"}: per window (B, L) tokens (EOS, then EOS padding, after a window ends), and "spikes": per
         row, (neuron ids, bins from the start of window 0). One cached row on a CPU runs on one thread (restored
-        after).
+        after). A model whose projections are replaced or hooked (LoRA, dendrites) generates without the cache,
+        whose fused step reads the plain weights.
         """
+        use_cache = use_cache and all(blk.step_is_exact() for blk in self.modules() if isinstance(blk, Block))
         b = len(batch["id_prev"])
         threads = torch.get_num_threads()
         if use_cache and b == 1 and batch["id_prev"].device.type == "cpu":

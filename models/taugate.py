@@ -32,10 +32,12 @@ site, sized from the last Linear/Conv before it (width, and the neuron axis: las
 A shared activation module gets one gate per call (a ResNet Bottleneck's ReLU: three widths). Models can also
 declare their neurons (`taugate_site`, e.g. the CTM's `neurons`, its post-activations z each tick): one gate per
 neuron shared over the ticks, with tau starting below the lowest z the example input produced (less a quarter of
-their range), so the start is exact on that distribution. The base is never modified and keeps its names and
-state dict: the gates act only inside `TauGate.forward`, where the mode is on (which also switches off fused fast
-paths that would skip the activations, such as `nn.TransformerEncoderLayer`'s in eval). `describe()` lists the
-sites. Modes are adapters: `save_adapter` writes only tau and gamma (safetensors) with a config naming the base
+their range), so the start is exact on that distribution. A model that declares neurons gets those gates by
+default (a CTM with an image backbone: its neurons, not the backbone's ReLUs); `include=` picks sites by name
+(`["*"]`: all, `["neurons", "synapse_output"]`: a CTM's neurons and its optional synapse-output gate). The base
+is never modified and keeps its names and state dict: the gates act only inside `TauGate.forward`, where the mode
+is on (which also switches off fused fast paths that would skip the activations, such as
+`nn.TransformerEncoderLayer`'s in eval). `describe()` lists the sites. Modes are adapters: `save_adapter` writes only tau and gamma (safetensors) with a config naming the base
 and a fingerprint of its weights; `load_adapter(path, name)` checks the fingerprint; `use_mode(name)` swaps the
 gate values in place (the base is never copied) and `use_mode(None)` disables the gates, which is the base exactly.
 
@@ -50,6 +52,7 @@ gate values in place (the base is never copied) and `use_mode(None)` disables th
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
@@ -285,13 +288,24 @@ def trace_sites(model: nn.Module, example_input: Any = None) -> dict[str, tuple[
     return {name: (*site, bounds.get(name, LOWER_BOUNDS.get(site[1], 0.0))) for name, site in out.items()}
 
 
+def select_sites(base: nn.Module, found: dict[str, tuple], include: list[str] | None) -> dict[str, tuple]:
+    """The traced sites TauGate gates: those matching `include` (glob patterns), else the model's declared default
+    sites (`taugate_site` modules without `taugate_default = False`) where it has any, else every activation."""
+    if include is not None:
+        return {n: site for n, site in found.items() if any(fnmatch.fnmatchcase(n, p) for p in include)}
+    declared = {n: site for n, site in found.items() if site[0][1] == -1}
+    default = {n: site for n, site in declared.items()
+               if getattr(base.get_submodule(site[0][0]), "taugate_default", True)}
+    return default or {n: site for n, site in found.items() if n not in declared}
+
+
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and values of a model's state dict: the identity of a base."""
     digest = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
         value = value.detach().cpu().contiguous()
         digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 
@@ -299,14 +313,18 @@ class TauGate(PretrainedMixin, nn.Module):
     """A frozen base with a threshold-and-gain gate after each hidden activation. Build it with `TauGate.wrap`."""
 
     def __init__(self, base: nn.Module, temperature: float = 0.05, init_margin: float = 16.0,
-                 surrogate_width: float = 0.5, example_input: Any = None):
+                 surrogate_width: float = 0.5, example_input: Any = None, include: list[str] | None = None):
         super().__init__()
         if getattr(base, "_taugate_wrapped", False):
             raise BiozooError(f"this {type(base).__name__} is already wrapped by a TauGate; wrap each base once")
-        sites = trace_sites(base, example_input)
+        found = trace_sites(base, example_input)
+        self.include = list(include) if include else None
+        sites = select_sites(base, found, self.include)
+        self._passthrough = {site[0] for name, site in found.items() if name not in sites}
         if not sites:
-            raise BiozooError(f"TauGate found no ReLU/GELU/SiLU/Tanh call after a Linear or Conv in "
-                              f"{type(base).__name__}")
+            what = f"matching {self.include} (sites: {', '.join(found) or 'none'})" if self.include else \
+                "after a Linear or Conv"
+            raise BiozooError(f"TauGate found no ReLU/GELU/SiLU/Tanh call {what} in {type(base).__name__}")
         self.base = base
         self.init_temperature, self.init_margin = float(temperature), float(init_margin)
         self.surrogate_width = float(surrogate_width)
@@ -325,10 +343,15 @@ class TauGate(PretrainedMixin, nn.Module):
 
     @classmethod
     def wrap(cls, base_model: nn.Module, temperature: float = 0.05, init_margin: float = 16.0,
-             surrogate_width: float = 0.5, example_input: Any = None) -> "TauGate":
+             surrogate_width: float = 0.5, example_input: Any = None,
+             include: list[str] | None = None) -> "TauGate":
         """Freeze `base_model` and gate every hidden activation; the result starts equal to the base. The gates
-        are found and sized by one forward on `example_input` (default: `example_input_for(base_model)`)."""
-        return cls(base_model, temperature, init_margin, surrogate_width, example_input)
+        are found and sized by one forward on `example_input` (default: `example_input_for(base_model)`).
+        `include`: gate only the sites whose names (as `describe()` lists them) match one of these glob patterns,
+        e.g. `["neurons", "synapse_output"]` for a CTM or `["*"]` for every site found. By default, a model that
+        declares its neurons gets those (a CTM: its neurons z, 2 x d_model parameters, not its backbone's ReLUs);
+        any other model every activation."""
+        return cls(base_model, temperature, init_margin, surrogate_width, example_input, include)
 
     def describe(self) -> str:
         """The gated sites: name, activation, neurons (and the neuron axis), and the total."""
@@ -339,6 +362,8 @@ class TauGate(PretrainedMixin, nn.Module):
 
     def _gate_call(self, key: tuple[str, int], kind: str, output: torch.Tensor, producer: Any) -> torch.Tensor:
         i = self._site_index.get(key)
+        if i is None and key in self._passthrough:
+            return output
         if i is None:
             raise BiozooError(f"TauGate: activation call {key[1]} in {key[0] or type(self.base).__name__!r} was "
                               f"not there when the gates were sized (a forward with another control flow?)")
@@ -400,7 +425,7 @@ class TauGate(PretrainedMixin, nn.Module):
                                   "cannot be saved portably; save an adapter with save_adapter instead")
         return {"model": "taugate", "kwargs": {"base": config(), "temperature": self.init_temperature,
                                                "init_margin": self.init_margin,
-                                               "surrogate_width": self.surrogate_width}}
+                                               "surrogate_width": self.surrogate_width, "include": self.include}}
 
     # attribution ----------------------------------------------------------------------------------------------
 
@@ -522,10 +547,10 @@ class TauGate(PretrainedMixin, nn.Module):
 
 @register_model(name="taugate", hidden=True)
 def taugate(base: dict[str, Any], temperature: float = 0.05, init_margin: float = 16.0,
-            surrogate_width: float = 0.5) -> TauGate:
+            surrogate_width: float = 0.5, include: list[str] | None = None) -> TauGate:
     """Rebuilds a saved TauGate: the base from its config, then the gates (their values load from the weights)."""
     return TauGate.wrap(create_model(base["model"], **base.get("kwargs", {})), temperature, init_margin,
-                        surrogate_width)
+                        surrogate_width, include=include)
 
 
 # Activity of any model's hidden units (used to compare TauGate with LoRA, BitFit, ...) ---------------------------

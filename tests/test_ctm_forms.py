@@ -49,7 +49,10 @@ def assert_matches(model: torch.nn.Module, folder) -> None:
         assert (ours - io[name]).abs().max().item() < 1e-5, name
 
 
-@pytest.mark.parametrize("form", TICKED + ["rl_training_script"])
+RL = ["rl_training_script", "rl_minigrid_training_script"]
+
+
+@pytest.mark.parametrize("form", TICKED + RL)
 def test_official_form_loads_and_matches(form, tmp_path):
     src = FORMS / form / "checkpoint.pt"
     model = biozoo.load_pretrained(src)
@@ -61,11 +64,11 @@ def test_official_form_loads_and_matches(form, tmp_path):
 
 def test_each_form_builds_its_model():
     kinds = {form: type(biozoo.load_pretrained(FORMS / form / "checkpoint.pt")).__name__
-             for form in TICKED + ["rl_training_script"]}
+             for form in TICKED + RL}
     assert kinds == {"image_training_script": "ContinuousThoughtMachine", "maze_legacy": "ContinuousThoughtMachine",
                      "sort_training_script": "ContinuousThoughtMachine",
                      "qamnist_training_script": "ContinuousThoughtMachineQAMNIST",
-                     "rl_training_script": "CTMActorCritic"}
+                     "rl_training_script": "CTMActorCritic", "rl_minigrid_training_script": "CTMActorCritic"}
 
 
 def test_training_script_fields_are_really_there():
@@ -109,11 +112,32 @@ def test_code_in_an_official_looking_checkpoint_is_refused(tmp_path):
         biozoo.load_pretrained(path)
 
 
+def test_minigrid_agent_reads_the_registered_env():
+    """The official MiniGrid agent converts to the navigation-backbone and acts on biozoo/MiniGrid-FourRooms-v0,
+    whose flat view the backbone reads as the official (7, 7, 3) one."""
+    pytest.importorskip("minigrid")
+    import gymnasium as gym
+
+    from biozoo.envs.control import env_spec
+
+    model = biozoo.load_pretrained(FORMS / "rl_minigrid_training_script" / "checkpoint.pt")
+    core = model.recurrent_model
+    assert core.backbone_type == "navigation-backbone" and core.grid_size == 7
+    env = gym.make("biozoo/MiniGrid-FourRooms-v0")
+    assert env_spec(env).extras["minigrid_view"] == [7, 7, 3]
+    obs, _ = env.reset(seed=0)
+    view = torch.from_numpy(obs).reshape(1, 7, 7, 3)
+    with torch.no_grad():
+        flat, grid = model(torch.from_numpy(obs)[None]), model(view)
+    assert torch.equal(flat.logits, grid.logits) and flat.logits.shape == (1, 7)
+    env.close()
+
+
 def test_rl_refusals_are_one_line(tmp_path):
     ckpt = torch.load(FORMS / "rl_training_script" / "checkpoint.pt", weights_only=False)
-    ckpt["args"].env_id = "MiniGrid-FourRooms-v0"
+    ckpt["args"].neuron_select_type = "random-pairing"
     torch.save(ckpt, tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="navigation-backbone") as e:
+    with pytest.raises(CheckpointError, match="first-last") as e:
         biozoo.load_pretrained(tmp_path / "checkpoint.pt")
     assert "\n" not in str(e.value)
 

@@ -27,7 +27,8 @@ def test_every_task_and_model_has_a_config():
 
     assert set(biozoo.list_models()) <= set(MODELS), "every registered model needs configs/models/<name>.yaml"
     required = {"digits", "rotated_digits", "mnist", "cifar10", "parity16", "parity64", "sorting", "mazes", "qamnist",
-                "linedraw", "seqdigits", "spikes", "swimmer_ppo", "swimmer_es", "cartpole", "acrobot"}
+                "linedraw", "seqdigits", "spikes", "swimmer_ppo", "swimmer_es", "cartpole", "acrobot",
+                "fourrooms"}
     assert required <= set(TASKS)
 
 

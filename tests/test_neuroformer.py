@@ -359,3 +359,25 @@ def test_shipped_spikes_only_checkpoint_reads_connectivity_from_its_attention(tm
     uniform = attention_connectivity(model, test, max_windows=256, layers="decoder", uniform=True)
     assert connectivity_auroc(grad, adjacency) > connectivity_auroc(uniform, adjacency) + 0.1
     assert direction_auroc(grad, adjacency, dm.data.meta["hubs"])["auroc"] > 0.8
+
+
+def test_generation_honours_dendrites(small_dm):
+    """The cached step reads plain weights; with dendrites (hooks) on the projections, generation takes the
+    uncached path, so the dendrites shape the tokens and both settings agree."""
+    from biozoo.models.dendrites import add_dendrite_set, add_dendrites
+
+    model = tiny_model(small_dm)
+    batch = collate_windows([small_dm.test_set[i] for i in range(2)], model.pad)
+    ctx = {k: v for k, v in batch.items() if k not in ("id", "dt")}
+    plain = model.generate(ctx, max_tokens=12, generator=torch.Generator().manual_seed(7))
+    add_dendrites(model)
+    add_dendrite_set(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".dendrites." in name:
+                p.normal_(0, 0.5)
+    assert not all(blk.step_is_exact() for blk in model.modules() if hasattr(blk, "step_is_exact"))
+    runs = [model.generate(ctx, max_tokens=12, use_cache=c, generator=torch.Generator().manual_seed(7))
+            for c in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["ids"], runs[1]["ids"]))
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0]["ids"], plain["ids"]))

@@ -452,3 +452,83 @@ def test_pretrained_ctm_gates_its_neurons(tmp_path):
         assert torch.equal(model(x).predictions, ref)  # gates off: the base exactly
         model.use_mode("half")
         assert (model.gates[0].gamma[:64] == 0).all()
+
+
+def test_ctm_gate_sites_chosen_by_name_and_the_optional_synapse_output(tmp_path):
+    """A CTM with a backbone: by default its neurons alone (a mode of 2 x d_model numbers); the backbone's ReLUs
+    and the synapse output only when asked. Each starts equal to the base, and a portable save keeps the choice."""
+    torch.manual_seed(0)
+    kwargs = dict(iterations=3, d_model=16, d_input=8, heads=2, n_synch_out=8, n_synch_action=8, memory_length=4,
+                  memory_hidden_dims=4, backbone_type="resnet18-1", positional_embedding_type="none",
+                  in_channels=1, out_dims=10)
+    x = torch.rand(4, 1, 8, 8)
+    default = TauGate.wrap(create_model("ctm", **kwargs), example_input=x)
+    assert default.gate_names == ["neurons"] and default.parameter_counts()["trainable"] == 2 * 16
+    every = TauGate.wrap(create_model("ctm", **kwargs), example_input=x, include=["*"])
+    assert {"neurons", "synapse_output", "backbone:0"} <= set(every.gate_names) and len(every.gates) > 3
+    for include, names in ((None, ["neurons"]), (["neurons", "synapse_output"], ["synapse_output", "neurons"])):
+        base = create_model("ctm", **kwargs).eval()
+        model = TauGate.wrap(base, example_input=x, include=include).eval()
+        assert sorted(model.gate_names) == sorted(names)
+        assert model.parameter_counts()["trainable"] == 2 * 16 * len(names) and model.include == include
+        with torch.no_grad():
+            for mode in ("soft", "hard"):
+                assert torch.allclose(model.set_mode(mode)(x).logits, base(x).logits, atol=1e-6), (include, mode)
+    model.save_pretrained(tmp_path / "gated")
+    again = load_pretrained(tmp_path / "gated")
+    assert again.gate_names == model.gate_names and again.include == include
+    with pytest.raises(BiozooError, match="matching"):
+        TauGate.wrap(create_model("ctm", **kwargs), example_input=x, include=["nothing*"])
+
+
+def test_adapter_of_a_model_with_batch_norm(tmp_path):
+    """The base fingerprint reads 0-dim buffers (BatchNorm's num_batches_tracked)."""
+    model = TauGate.wrap(create_model("resnet8", in_channels=1, num_classes=10), example_input=torch.randn(2, 1, 8, 8))
+    model.save_adapter(tmp_path / "a")
+    model.load_adapter(tmp_path / "a", "a").use_mode("a")
+
+
+def test_zoo_transformer_gates_its_feed_forward_and_lora_reaches_attention(peft_lib):
+    """The zoo's transformer (F.gelu by string inside nn.TransformerEncoderLayer): one gate per layer, equal to
+    the base at init in train and eval; peft LoRA on its attention blocks changes the output."""
+    from biozoo.train.taugate import apply_peft
+
+    torch.manual_seed(0)
+    base = create_model("transformer", input_size=8, seq_len=8, num_classes=10)
+    x = torch.randn(4, 1, 8, 8)
+    model = TauGate.wrap(base, example_input=x)
+    assert len(model.gates) == 2 and model.parameter_counts()["trainable"] == 2 * 2 * 128
+    starts_equal_and_trains(model, x, training_modes=(False, True))
+    lora = apply_peft(create_model("transformer"), "lora", lora_rank=2, lora_targets=["encoder.layers.0.self_attn"])
+    with torch.no_grad():
+        before = lora(x).logits
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        assert (lora(x).logits - before).abs().max() > 1e-3
+
+
+def test_lora_on_a_ctm_reaches_its_fused_paths(peft_lib):
+    """The CTM's fused query and synapse paths read plain Linear weights; a LoRA layer in their place is called
+    (forward equals the unfused reference), and LoRA on the attention itself is refused in one line."""
+    from biozoo.train.taugate import apply_peft
+
+    torch.manual_seed(0)
+    kwargs = dict(iterations=3, d_model=16, d_input=8, heads=2, n_synch_out=8, n_synch_action=8, memory_length=4,
+                  memory_hidden_dims=4, backbone_type="resnet18-1", positional_embedding_type="none",
+                  in_channels=1, out_dims=10)
+    x = torch.rand(4, 1, 8, 8)
+    plain = create_model("ctm", **kwargs).eval()
+    with torch.no_grad():
+        before = plain(x).logits
+    model = apply_peft(plain, "lora", lora_rank=2, lora_targets=["q_proj", "synapses.1"]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and "synapses" in name:
+                p.normal_()
+        out = model(x).logits
+        assert (out - before).abs().max() > 1e-4
+        assert torch.allclose(out, model.base_model.model.forward_reference(x).logits, atol=1e-5)
+    wrapped = apply_peft(create_model("ctm", **kwargs), "lora", lora_rank=2, lora_targets=["attention"])
+    with pytest.raises(BiozooError, match="LoRA on 'attention'"):
+        wrapped(x)

@@ -35,14 +35,16 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def apply_peft(model: nn.Module, method: str, lora_rank: int = 4, lora_alpha: float | None = None,
                lora_targets: list[str] | None = None, temperature: float = 0.05,
-               surrogate_width: float = 0.5, example_input: Any = None) -> nn.Module:
+               surrogate_width: float = 0.5, example_input: Any = None,
+               taugate_include: list[str] | None = None) -> nn.Module:
     """Return `model` prepared for `method` (see the module docstring); only the method's parameters train.
-    `example_input` sizes TauGate's gates (default: guessed from the model's first layer)."""
+    `example_input` sizes TauGate's gates (default: guessed from the model's first layer); `taugate_include`
+    picks its sites by name (`TauGate.wrap`'s include, e.g. ["neurons"] for a CTM's neurons alone)."""
     if method not in METHODS:
         raise UnknownNameError(f"unknown PEFT method {method!r}: use one of {', '.join(METHODS)}")
     if method == "taugate":
         return TauGate.wrap(model, temperature=temperature, surrogate_width=surrogate_width,
-                            example_input=example_input)
+                            example_input=example_input, include=taugate_include)
     if method == "lora":
         try:
             from peft import LoraConfig, get_peft_model
@@ -70,6 +72,7 @@ class PEFTTask(SupervisedTask):
         method: frozen | taugate | lora | bitfit | head | full.
         lora_rank, lora_alpha (default 2 * rank), lora_targets (default: every Linear, by name).
         temperature, surrogate_width: the TauGate gate temperature T and the width of tau's surrogate gradient.
+        taugate_include: TauGate's sites by name pattern (default: every activation; a CTM's neurons).
     """
 
     def __init__(self, method: str = "taugate", model: str = "mlp", model_kwargs: dict[str, Any] | None = None,
@@ -78,7 +81,7 @@ class PEFTTask(SupervisedTask):
                  checkpoint_path: str | None = None, lora_rank: int = 4, lora_alpha: float | None = None,
                  lora_targets: list[str] | None = None, temperature: float = 0.05, surrogate_width: float = 0.5,
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0, scheduler: str = "constant",
-                 min_lr_ratio: float = 0.0):
+                 min_lr_ratio: float = 0.0, taugate_include: list[str] | None = None):
         super().__init__(model, model_kwargs, data_dims, loss, loss_kwargs, pretrained, checkpoint_path, lr,
                          weight_decay, warmup_steps, scheduler, min_lr_ratio)
         self.save_hyperparameters()
@@ -86,7 +89,7 @@ class PEFTTask(SupervisedTask):
         example = (torch.randn(8, *spec.shape) if spec is not None and spec.input in ("image", "features", "sequence",
                                                                                       "observation") else None)
         self.model = apply_peft(self.model, method, lora_rank, lora_alpha, lora_targets, temperature, surrogate_width,
-                                example)
+                                example, taugate_include)
 
     def configure_optimizers(self):
         if trainable_count(self) == 0:

@@ -170,7 +170,7 @@ class SynapseGLU(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[0](x)
-        if has_hooks(self[1]):  # dendrites on the Linear: call it
+        if must_call(self[1]):  # dendrites or LoRA on the Linear: call it
             value, gate = self[1](x).chunk(2, -1)
         else:
             weight, bias = self[1].weight, self[1].bias
@@ -293,6 +293,13 @@ class Neurons(nn.Identity):
     neurons themselves (TauGate gates each neuron with one threshold and gain shared over the ticks)."""
 
     taugate_site = True
+
+
+class SynapseOutput(Neurons):
+    """The synapse model's output a^t (B, D), every tick, before it enters the pre-activation history: the
+    identity. TauGate gates it only when asked (`include=["synapse_output", ...]`); the neurons are its default."""
+
+    taugate_default = False
 
 
 class TruncatedResNet(nn.Module):
@@ -558,9 +565,10 @@ def attend(attention: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Te
     return attend_projected(attention, q, keys, values)
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """A layer something is attached to (dendrites, a user's probe): it must be called, not read by a fused path."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def must_call(module: nn.Module) -> bool:
+    """A layer a fused path must call instead of reading its weights: something is attached to it (dendrites, a
+    user's probe), or it is no longer a plain nn.Linear (a peft LoRA layer in its place)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or type(module) is not nn.Linear
 
 
 def folded_query(q_proj: nn.Linear, attention: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
@@ -573,9 +581,14 @@ def folded_query(q_proj: nn.Linear, attention: nn.MultiheadAttention) -> tuple[t
 
 
 def query_projection(q_proj: nn.Linear, attention: nn.MultiheadAttention):
-    """synch -> the scaled attention query (B, E): the folded map, or, where q_proj has hooks (dendrites), q_proj
-    called each tick followed by the attention's scaled W_q."""
-    if not has_hooks(q_proj):
+    """synch -> the scaled attention query (B, E): the folded map, or, where q_proj must be called (dendrites,
+    LoRA), q_proj called each tick followed by the attention's scaled W_q. A wrapped attention is refused: its
+    weights are read here and by `attention_memory`."""
+    if type(attention) is not nn.MultiheadAttention:
+        raise BiozooError(f"the CTM's attention reads nn.MultiheadAttention's weights, but it is a "
+                          f"{type(attention).__name__} (peft LoRA on 'attention'?): adapt q_proj, kv_proj.0, "
+                          "synapses.* or output_projector.0 instead")
+    if not must_call(q_proj):
         weight, bias = folded_query(q_proj, attention)
         return lambda synch: F.linear(synch, weight, bias)
     E = attention.embed_dim
@@ -595,4 +608,4 @@ def attend_projected(attention: nn.MultiheadAttention, q: torch.Tensor, keys: to
     return attention.out_proj((weights @ values).reshape(B, E)), weights
 
 
-__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "Neurons", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "has_hooks", "folded_query", "query_projection", "attend_projected"]
+__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "Neurons", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "must_call", "folded_query", "query_projection", "attend_projected"]

@@ -8,15 +8,14 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from biozoo._core import DataSpec, ModelOutput, classes_first
 
 from .._registry import register_model
 from ..errors import BiozooError, check_choice
-from .blocks import (HALT_ON, NEURON_SELECT_TYPES, NeuronLevelModels, Neurons, TickedModelBase, attend, attend_projected,
-                     attention_memory, make_synapses, query_projection, sample_synch_neurons, synch_pairs,
+from .blocks import (HALT_ON, NEURON_SELECT_TYPES, NeuronLevelModels, Neurons, SynapseOutput, TickedModelBase,
+                     attend, attend_projected, attention_memory, make_synapses, query_projection, sample_synch_neurons, synch_pairs,
                      synch_representation_size)
 
 
@@ -171,6 +170,7 @@ class ContinuousThoughtMachine(TickedModelBase):
             self.attention = nn.MultiheadAttention(d_input, heads, dropout, batch_first=True)
         self.synapses = make_synapses(synapse_depth, d_input + d_model, d_model, dropout)
         self.neurons = Neurons()  # z each tick: where augmenters act on the neurons themselves
+        self.synapse_output = SynapseOutput()  # a each tick (TauGate's optional synapse-output gate)
         self.trace_processor = NeuronLevelModels(d_model, memory_length, deep_nlms, memory_hidden_dims,
                                                  do_layernorm_nlm, dropout_nlm)
         bound_z, bound_trace = math.sqrt(1 / d_model), math.sqrt(1 / (d_model + memory_length))
@@ -225,7 +225,7 @@ class ContinuousThoughtMachine(TickedModelBase):
                 o = self.attention(q.unsqueeze(1), kv, kv, need_weights=False)[0][:, 0]  # o^t
             else:
                 o = x  # no attention: the input vector every tick
-            a = self.synapses(torch.cat([o, z], -1))  # Eq. 1: a^t = f_synapse([o^t, z^t])
+            a = self.synapse_output(self.synapses(torch.cat([o, z], -1)))  # Eq. 1: a^t = f_synapse([o^t, z^t])
             A = torch.cat([A[:, :, 1:], a.unsqueeze(-1)], -1)  # A^t: FIFO of the last M
             z = self.neurons(self.trace_processor(A))  # Eq. 3: z^{t+1}_d = g_d(A^t_d)
             for entry in synch.values():  # alpha = r alpha + z_i z_j, beta = r beta + 1
@@ -300,7 +300,7 @@ class ContinuousThoughtMachine(TickedModelBase):
                                                           values)
             else:
                 features = inputs
-            pre = self.synapses(torch.cat((features, z), -1))
+            pre = self.synapse_output(self.synapses(torch.cat((features, z), -1)))
             trace = torch.cat((trace[:, :, 1:], pre.t().unsqueeze(-1)), -1)
             z = self.neurons(self.trace_processor.forward_neuron_major(trace, nlm_weights).t())
             alpha = r * alpha + z[:, pair_left] * z[:, pair_right]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -121,10 +122,7 @@ def qamnist_kwargs_from_official_args(args: dict[str, Any], state_dict: dict[str
 
 def rl_kwargs_from_official_args(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """tasks/rl/train.py's Agent around ContinuousThoughtMachineRL: sizes from the flags, the observation and
-    action sizes from the state dict."""
-    if "MiniGrid" in str(args.get("env_id", "")):
-        raise CheckpointError(f"official RL checkpoint for {args['env_id']}: its navigation-backbone is not in "
-                              f"biozoo; the classic-control agents (CartPole, Acrobot) convert")
+    action sizes (a MiniGrid agent's view size) from the state dict."""
     if args.get("neuron_select_type", "first-last") != "first-last":
         raise CheckpointError(f"official RL checkpoint with neuron_select_type {args['neuron_select_type']!r}: "
                               f"the official ContinuousThoughtMachineRL supports first-last only")
@@ -135,9 +133,13 @@ def rl_kwargs_from_official_args(args: dict[str, Any], state_dict: dict[str, tor
     names = ("iterations", "d_model", "d_input", "n_synch_out", "synapse_depth", "memory_length", "deep_nlms",
              "memory_hidden_dims", "do_layernorm_nlm", "dropout")
     kwargs = {k: args[k] for k in names if k in args}
-    kwargs.update(obs_dim=int(state_dict["recurrent_model.backbone.input_projector.1.weight"].shape[1]),
-                  num_actions=int(state_dict["actor.4.weight"].shape[0]),
+    kwargs.update(num_actions=int(state_dict["actor.4.weight"].shape[0]),
                   head_hidden=int(state_dict["actor.0.weight"].shape[0]))
+    cells = state_dict.get("recurrent_model.backbone.position_embedding.weight")
+    if cells is not None:  # MiniGrid: the navigation-backbone on a square symbolic view
+        kwargs.update(backbone_type="navigation-backbone", grid_size=math.isqrt(int(cells.shape[0])))
+    else:
+        kwargs.update(obs_dim=int(state_dict["recurrent_model.backbone.input_projector.1.weight"].shape[1]))
     return kwargs
 
 
