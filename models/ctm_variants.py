@@ -94,9 +94,9 @@ class QAMNISTOperatorEmbeddings(nn.Module):
 def synch_step(model: ContinuousThoughtMachine, features: torch.Tensor, z: torch.Tensor, trace: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One tick of synapses -> pre-activation FIFO -> NLMs: returns (pre (B, D), new trace (D, B, M), z (B, D))."""
-    pre = model.synapses(torch.cat((features, z), -1))
+    pre = model.synapse_output(model.synapses(torch.cat((features, z), -1)))
     trace = torch.cat((trace[:, :, 1:], pre.t().unsqueeze(-1)), -1)
-    return pre, trace, model.trace_processor.forward_neuron_major(trace).t()
+    return pre, trace, model.neurons(model.trace_processor.forward_neuron_major(trace).t())
 
 
 @register_model(name="ctm_qamnist")

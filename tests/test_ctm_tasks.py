@@ -283,6 +283,25 @@ def test_pretrained_maze_model_loads_and_still_solves(card_path):
     assert prefix >= 0.8 * card["metrics"]["prefix"]
 
 
+@pytest.mark.skipif(not (REPO / "models" / "weights" / "ctm_sort.sort10" / "card.json").exists(),
+                    reason="ctm_sort.sort10 not shipped")
+def test_pretrained_sorter_still_sorts():
+    """ctm_sort.sort10 (configs/ctm/sorting_cpu.yaml) on fresh sequences: greedy CTC decoding, per position and
+    whole sequences, near its card."""
+    from biozoo.envs.sorting import sorting_batch
+    from biozoo.train.ctm import ctc_greedy_decode
+
+    card = json.loads((REPO / "models" / "weights" / "ctm_sort.sort10" / "card.json").read_text())
+    model = biozoo.create_model("ctm_sort.sort10").eval()
+    x, y = sorting_batch(512, 10, torch.Generator().manual_seed(4321))
+    with torch.no_grad():
+        decoded = ctc_greedy_decode(model(x).predictions, 10)
+    per_position = np.mean([s[i] == t[i] if i < len(s) else False for s, t in zip(decoded, y.tolist())
+                            for i in range(10)])
+    whole = np.mean([s == t for s, t in zip(decoded, y.tolist())])
+    assert per_position >= card["metrics"]["acc"] - 0.05 and whole >= card["metrics"]["sequence_acc"] - 0.08
+
+
 def test_pretrained_masked_cartpole_agent_balances():
     from biozoo.train.policy import evaluate
 
