@@ -336,6 +336,7 @@ class TauGate(PretrainedMixin, nn.Module):
         self.activations = [kind for _, kind, *_ in sites.values()]
         self._site_index = {key: i for i, (key, *_) in enumerate(sites.values())}
         self._module_names = {id(m): n for n, m in base.named_modules()}
+        self._batch_norms = [m for m in base.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.current_mode: str | None = "trainable"
         self.modes: dict[str, dict[str, torch.Tensor]] = {}
         object.__setattr__(base, "_taugate_wrapped", True)
@@ -386,7 +387,11 @@ class TauGate(PretrainedMixin, nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base's forward with every gated activation call gated. While gated, torch functions go through a
         TorchFunctionMode, which also turns off fused fast paths that would skip the activations (for example
-        `nn.TransformerEncoderLayer`'s in eval); with the gates off (`use_mode(None)`) the base runs as it is."""
+        `nn.TransformerEncoderLayer`'s in eval); with the gates off (`use_mode(None)`) the base runs as it is. The
+        base's batch-norm layers always run in eval mode, so a fit never updates their running statistics: the base
+        is never modified (peft's methods, by contrast, let batch norm adapt)."""
+        for norm in self._batch_norms:  # frozen statistics: a fit never updates the base's running means
+            norm.training = False
         if not self.enabled:
             return self.base(*args, **kwargs)
         with CallTracer(self._module_names, self._gate_call):

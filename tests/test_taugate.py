@@ -532,3 +532,24 @@ def test_lora_on_a_ctm_reaches_its_fused_paths(peft_lib):
     wrapped = apply_peft(create_model("ctm", **kwargs), "lora", lora_rank=2, lora_targets=["attention"])
     with pytest.raises(BiozooError, match="LoRA on 'attention'"):
         wrapped(x)
+
+
+def test_training_never_touches_the_base_batch_norm_statistics():
+    """A fit of the gates in train mode leaves every base buffer (BatchNorm's running statistics) as it was, so
+    the base is exactly restored by use_mode(None)."""
+    torch.manual_seed(0)
+    base = create_model("resnet8", in_channels=1, num_classes=10)
+    before = fingerprint(base)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    model = TauGate.wrap(base, example_input=x)
+    assert model.training  # as Lightning leaves it: no train() call in between
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x).logits, y).backward()
+        opt.step()
+    assert fingerprint(base) == before and model.training and not base.stem[1].training
+    reference = create_model("resnet8", in_channels=1, num_classes=10)
+    reference.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.use_mode(None).eval()(x).logits, reference.eval()(x).logits)
