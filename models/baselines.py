@@ -28,6 +28,7 @@ from torch import nn
 
 from biozoo._core import DataSpec, ModelOutput, classes_first
 
+from ._fused import is_plain
 from ._hub import PretrainedMixin
 from ._registry import register_model
 from .errors import check_shape
@@ -162,8 +163,7 @@ class TransformerClassifier(PretrainedMixin, nn.Module):
         """True while every layer of the encoder is the plain module PyTorch's fused path reads."""
         plain = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Dropout, nn.TransformerEncoderLayer,
                  nn.ModuleList, nn.TransformerEncoder, nn.modules.linear.NonDynamicallyQuantizableLinear)
-        return all(type(m) in plain and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in self.encoder.modules())
+        return all(is_plain(m, *plain) for m in self.encoder.modules())
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
         if self.training or self.fused_path_is_exact():

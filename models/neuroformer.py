@@ -70,6 +70,7 @@ from torch import nn
 
 from biozoo._core import ModelOutput, pack_tokens
 
+from ._fused import is_plain
 from ._hub import PretrainedMixin, check_state_dict, first_line, register_checkpoint_format, safe_torch_load
 from ._registry import register_model
 from .errors import BiozooError, CheckpointError, check_shape
@@ -200,8 +201,7 @@ class Block(nn.Module):
         """True while every projection `step` reads is a plain nn.Linear without hooks (not a LoRA layer or one
         carrying dendrites, which `step` would skip)."""
         a, (fc1, _, fc2, _) = self.attn, self.mlp
-        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in (a.query, a.key, a.value, a.proj, fc1, fc2))
+        return all(is_plain(m) for m in (a.query, a.key, a.value, a.proj, fc1, fc2))
 
     def step_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(bias, weight) of every projection that `step` multiplies, the weight transposed to (in, out) and

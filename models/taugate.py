@@ -37,9 +37,10 @@ default (a CTM with an image backbone: its neurons, not the backbone's ReLUs); `
 (`["*"]`: all, `["neurons", "synapse_output"]`: a CTM's neurons and its optional synapse-output gate). The base
 is never modified and keeps its names and state dict: the gates act only inside `TauGate.forward`, where the mode
 is on (which also switches off fused fast paths that would skip the activations, such as
-`nn.TransformerEncoderLayer`'s in eval). `describe()` lists the sites. Modes are adapters: `save_adapter` writes only tau and gamma (safetensors) with a config naming the base
-and a fingerprint of its weights; `load_adapter(path, name)` checks the fingerprint; `use_mode(name)` swaps the
-gate values in place (the base is never copied) and `use_mode(None)` disables the gates, which is the base exactly.
+`nn.TransformerEncoderLayer`'s in eval). `describe()` lists the sites. Modes are adapters: `save_adapter` writes
+only tau and gamma (safetensors) with a config naming the base and a fingerprint of its weights;
+`load_adapter(path, name)` checks the fingerprint; `use_mode(name)` swaps the gate values in place (the base is
+never copied) and `use_mode(None)` disables the gates, which is the base exactly.
 
     from biozoo.models import create_model
     from biozoo.models.taugate import TauGate

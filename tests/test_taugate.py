@@ -454,13 +454,16 @@ def test_pretrained_ctm_gates_its_neurons(tmp_path):
         assert (model.gates[0].gamma[:64] == 0).all()
 
 
+SMALL_IMAGE_CTM = dict(iterations=3, d_model=16, d_input=8, heads=2, n_synch_out=8, n_synch_action=8,
+                       memory_length=4, memory_hidden_dims=4, backbone_type="resnet18-1",
+                       positional_embedding_type="none", in_channels=1, out_dims=10)
+
+
 def test_ctm_gate_sites_chosen_by_name_and_the_optional_synapse_output(tmp_path):
     """A CTM with a backbone: by default its neurons alone (a mode of 2 x d_model numbers); the backbone's ReLUs
     and the synapse output only when asked. Each starts equal to the base, and a portable save keeps the choice."""
     torch.manual_seed(0)
-    kwargs = dict(iterations=3, d_model=16, d_input=8, heads=2, n_synch_out=8, n_synch_action=8, memory_length=4,
-                  memory_hidden_dims=4, backbone_type="resnet18-1", positional_embedding_type="none",
-                  in_channels=1, out_dims=10)
+    kwargs = SMALL_IMAGE_CTM
     x = torch.rand(4, 1, 8, 8)
     default = TauGate.wrap(create_model("ctm", **kwargs), example_input=x)
     assert default.gate_names == ["neurons"] and default.parameter_counts()["trainable"] == 2 * 16
@@ -514,9 +517,7 @@ def test_lora_on_a_ctm_reaches_its_fused_paths(peft_lib):
     from biozoo.train.taugate import apply_peft
 
     torch.manual_seed(0)
-    kwargs = dict(iterations=3, d_model=16, d_input=8, heads=2, n_synch_out=8, n_synch_action=8, memory_length=4,
-                  memory_hidden_dims=4, backbone_type="resnet18-1", positional_embedding_type="none",
-                  in_channels=1, out_dims=10)
+    kwargs = SMALL_IMAGE_CTM
     x = torch.rand(4, 1, 8, 8)
     plain = create_model("ctm", **kwargs).eval()
     with torch.no_grad():

@@ -13,6 +13,7 @@ from torch import nn
 
 from biozoo._core import DataSpec
 
+from .._fused import is_plain
 from .._hub import PretrainedMixin
 from ..errors import BiozooError, check_choice, check_shape
 
@@ -568,7 +569,7 @@ def attend(attention: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Te
 def must_call(module: nn.Module) -> bool:
     """A layer a fused path must call instead of reading its weights: something is attached to it (dendrites, a
     user's probe), or it is no longer a plain nn.Linear (a peft LoRA layer in its place)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or type(module) is not nn.Linear
+    return not is_plain(module)
 
 
 def folded_query(q_proj: nn.Linear, attention: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:

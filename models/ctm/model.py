@@ -15,8 +15,8 @@ from biozoo._core import DataSpec, ModelOutput, classes_first
 from .._registry import register_model
 from ..errors import BiozooError, check_choice
 from .blocks import (HALT_ON, NEURON_SELECT_TYPES, NeuronLevelModels, Neurons, SynapseOutput, TickedModelBase,
-                     attend, attend_projected, attention_memory, make_synapses, query_projection, sample_synch_neurons, synch_pairs,
-                     synch_representation_size)
+                     attend, attend_projected, attention_memory, make_synapses, query_projection,
+                     sample_synch_neurons, synch_pairs, synch_representation_size)
 
 
 # --- The model ---------------------------------------------------------------------------------------------------
