@@ -6,6 +6,7 @@
     biozoo export RUN_CKPT OUT_DIR                 # Lightning .ckpt -> config.json + model.safetensors
     biozoo convert FORMAT SRC OUT_DIR              # e.g. official CTM checkpoints -> biozoo format
     biozoo matrix [--run --steps N]                # every task x model pair: fits or why not (and a short run)
+    biozoo configs [PATTERN]                       # the packaged configs (any `-c configs/...` finds them)
 
 Errors in the user's input (config keys, shapes, checkpoints, missing data) print one line and exit non-zero;
 set BIOZOO_DEBUG=1 for the full traceback.
@@ -33,11 +34,76 @@ commands:
   export RUN_CKPT OUT_DIR           a Lightning .ckpt -> config.json + model.safetensors
   convert FORMAT SRC OUT_DIR        a foreign checkpoint (e.g. an official CTM one) -> the same format
   matrix [--run --steps N]          which task x model config pairs fit (and a short run of each that does)
+  configs [PATTERN]                 the configs shipped with biozoo; `-c configs/X.yaml` finds them from any folder
+  --version                         the installed version
 
 Help on one command: biozoo fit --help, biozoo convert --help, ...
 Errors print one line; BIOZOO_DEBUG=1 (or --debug) shows the traceback."""
 
 CATALOG_PACKAGES = ("biozoo.envs", "biozoo.train")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def configs_dir() -> Path:
+    """The configs shipped with biozoo: `biozoo/configs` in an installed wheel, the repo's top-level `configs/`
+    in a source checkout (an editable install)."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(value: str) -> str:
+    """A `-c` value as a file to read: the path itself where it exists (relative to the working folder), else the
+    packaged config of that name (`configs/quickstart.yaml` or `quickstart.yaml`). An empty file, one that is not
+    a YAML mapping, or a path found nowhere raises a one-line BiozooError naming it. Inline YAML passes through."""
+    import yaml
+
+    path = Path(value)
+    if not path.exists():
+        if path.suffix not in CONFIG_SUFFIXES:
+            return value  # jsonargparse also takes a YAML string after -c
+        parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+        packaged = configs_dir().joinpath(*parts) if parts and not path.is_absolute() else None
+        if packaged is None or not packaged.is_file():
+            raise BiozooError(f"config file {value} not found in {Path.cwd()} nor among the packaged configs "
+                              "(`biozoo configs` lists them)")
+        path = packaged
+    if path.is_dir():
+        raise BiozooError(f"config {value} is a folder, not a YAML file")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BiozooError(f"config {value} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    if content is None:
+        raise BiozooError(f"config {value} is empty: a config is a YAML mapping (trainer:, model:, data:, ...)")
+    if not isinstance(content, dict):
+        raise BiozooError(f"config {value} is not a YAML mapping (it holds a {type(content).__name__})")
+    return str(path)
+
+
+def resolve_config_args(words: list[str]) -> list[str]:
+    """Every `-c X` / `--config X` / `--config=X` with X resolved by `find_config`."""
+    out, expect = [], False
+    for word in words:
+        if expect:
+            out.append(find_config(word))
+        elif word.startswith("--config="):
+            out.append("--config=" + find_config(word.split("=", 1)[1]))
+        else:
+            out.append(word)
+        expect = not expect and word in ("-c", "--config")
+    return out
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("biozoo")
+    except PackageNotFoundError:
+        import biozoo
+
+        return biozoo.__version__
 
 
 def _package_sources(package: str) -> list[tuple[str, Path]]:
@@ -122,6 +188,7 @@ def _list(argv: list[str]) -> int:
 
     import biozoo
     from biozoo.models import list_checkpoint_formats
+    from biozoo.models._registry import default_tag
 
     parser = argparse.ArgumentParser(prog="biozoo list", description="List models, pretrained tags and tasks.")
     parser.add_argument("pattern", nargs="?", default=None, help="glob over model names, e.g. 'ctm*'")
@@ -132,7 +199,9 @@ def _list(argv: list[str]) -> int:
     table.add_column("pretrained tags (task: metrics)")
     pretrained = biozoo.list_pretrained()
     for name in biozoo.list_models(args.pattern):
-        tags = [f"{key}  ({cfg.task}: " + ", ".join(f"{k}={v}" for k, v in cfg.metrics.items()) + ")"
+        default = default_tag(name)
+        tags = [f"{key}{' (default)' if cfg.tag == default else ''}  ({cfg.task}: "
+                + ", ".join(f"{k}={v}" for k, v in cfg.metrics.items()) + ")"
                 for key, cfg in pretrained.items() if key.split(".")[0] == name]
         table.add_row(name, "\n".join(tags))
     console.print(table)
@@ -152,17 +221,23 @@ def _list(argv: list[str]) -> int:
 
 def _export(argv: list[str]) -> int:
     from biozoo.models import model_from_lightning_checkpoint, safe_torch_load, save_pretrained
+    from biozoo.models._hub import model_files
 
     parser = argparse.ArgumentParser(prog="biozoo export",
                                      description="Turn a Lightning checkpoint into config.json + model.safetensors.")
     parser.add_argument("ckpt")
     parser.add_argument("out_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model a folder already holds")
     args = parser.parse_args(argv)
+    held = model_files(args.out_dir)
+    if held and not args.overwrite:
+        raise BiozooError(f"{args.out_dir} already holds a model ({', '.join(held)}); give another folder or "
+                          "--overwrite to replace it")
     ckpt = safe_torch_load(args.ckpt)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise BiozooError(f"{args.ckpt} is not a Lightning checkpoint (no state_dict)")
     model = model_from_lightning_checkpoint(ckpt, args.ckpt)
-    out = save_pretrained(model, args.out_dir, metadata={"source": os.path.abspath(args.ckpt),
+    out = save_pretrained(model, args.out_dir, overwrite=args.overwrite, metadata={"source": os.path.abspath(args.ckpt),
                                                         "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")})
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}")
     return 0
@@ -176,8 +251,9 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("format", help="one of: " + (", ".join(list_checkpoint_formats()) or "none"))
     parser.add_argument("src")
     parser.add_argument("out_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model a folder already holds")
     args = parser.parse_args(argv)
-    out = convert_checkpoint(args.format, args.src, args.out_dir)
+    out = convert_checkpoint(args.format, args.src, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}")
     return 0
 
@@ -188,7 +264,24 @@ def _matrix(argv: list[str]) -> int:
     return matrix_main(argv)
 
 
-COMMANDS = {"list": _list, "export": _export, "convert": _convert, "matrix": _matrix}
+def _configs(argv: list[str]) -> int:
+    import fnmatch
+
+    parser = argparse.ArgumentParser(prog="biozoo configs",
+                                     description="List the configs shipped with biozoo (use them as -c configs/NAME).")
+    parser.add_argument("pattern", nargs="?", default=None, help="glob over the names, e.g. 'ctm/*'")
+    args = parser.parse_args(argv)
+    root = configs_dir()
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
+    names = [n for n in names if args.pattern is None or fnmatch.fnmatch(n, args.pattern)]
+    if not names:
+        raise BiozooError(f"no configs{' match ' + repr(args.pattern) if args.pattern else ''} under {root}")
+    print(f"# {len(names)} configs in {root}; use them as: biozoo fit -c configs/NAME")
+    print("\n".join(f"configs/{n}" for n in names))
+    return 0
+
+
+COMMANDS = {"list": _list, "export": _export, "convert": _convert, "matrix": _matrix, "configs": _configs}
 
 
 def _one_line(error: BaseException) -> str:
@@ -219,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     if not words or words[0] in ("-h", "--help"):  # answered here: LightningCLI's own help imports all of Lightning
         print(USAGE, file=sys.stdout if words else sys.stderr)
         sys.exit(0 if words else 2)
+    if words[0] in ("--version", "-V"):
+        print(f"biozoo {version()}")
+        sys.exit(0)
     try:
         if words and words[0] in COMMANDS:
             sys.exit(COMMANDS[words[0]](words[1:]))

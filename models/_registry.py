@@ -46,6 +46,7 @@ class PretrainedCfg:
     license: str = "Apache-2.0"
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    default: bool = False  # the tag `create_model(name, pretrained=True)` loads (one per model; timm's default cfg)
     # Weights published elsewhere, fetched on first use: file name -> URL (http(s), or file:// for a local copy),
     # the sha256 of each where known, the registered checkpoint format they are in (`convert`), which download
     # (or, inside a zip archive, which member glob) holds the checkpoint, and constructor arguments the original
@@ -86,8 +87,18 @@ def register_pretrained(model_name: str, cfg: PretrainedCfg) -> None:
     tags = _pretrained.setdefault(model_name, {})
     if cfg.tag in tags:
         raise BiozooError(f"pretrained tag {model_name}.{cfg.tag} is already registered")
+    other = default_tag(model_name) if cfg.default else None
+    if other is not None and tags[other].default:
+        raise BiozooError(f"{model_name} already has a default pretrained tag ({other}); {cfg.tag} cannot be one too")
     cfg.model = model_name
     tags[cfg.tag] = cfg
+
+
+def default_tag(name: str) -> str | None:
+    """The tag `pretrained=True` means: the one registered with `default=True`, else a model's only tag."""
+    tags = _pretrained.get(name, {})
+    chosen = [t for t, c in tags.items() if c.default]
+    return chosen[0] if chosen else next(iter(tags)) if len(tags) == 1 else None
 
 
 def is_model(name: str) -> bool:
@@ -212,7 +223,7 @@ def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str
                  **overrides: Any) -> nn.Module:
     """Build a registered model.
 
-    `pretrained`: False, True (the first shipped tag) or a tag (one published elsewhere is downloaded once into the
+    `pretrained`: False, True (the model's default tag, `biozoo list` marks it) or a tag (one published elsewhere is downloaded once into the
     cache, $BIOZOO_CACHE or ~/.cache/biozoo, and converted); `name.tag` works too. `checkpoint_path`
     loads weights (a folder or a .safetensors file) strictly into the freshly built model.
     """
@@ -227,12 +238,18 @@ def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str
         if pretrained is True:
             if not tags:
                 raise UnknownNameError(f"model {name!r} has no pretrained weights; build it with pretrained=False")
-            pretrained = next((t for t, c in tags.items() if c.file), next(iter(tags)))  # shipped ones first
+            pretrained = default_tag(name)
+            if pretrained is None:
+                raise UnknownNameError(f"model {name!r} names no default pretrained tag; pick one of "
+                                       f"{', '.join(sorted(tags))}")
         cfg = get_pretrained_cfg(name, str(pretrained))
         folder = pretrained_dir(cfg)
         if cfg.sha256 and sha256_of(folder / "model.safetensors") != cfg.sha256:
             raise CheckpointError(f"{folder / 'model.safetensors'} does not match the registered sha256 of {name}.{cfg.tag}")
         model = load_pretrained(folder, **overrides)
+        held = model.biozoo_config().get("model") if hasattr(model, "biozoo_config") else type(model).__name__
+        if held != name:
+            raise CheckpointError(f"{folder} holds a {held!r} model, not {name!r} ({name}.{cfg.tag})")
         model.pretrained_cfg = cfg
         return model
     kwargs = bound_kwargs(builder, overrides)

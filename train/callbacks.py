@@ -16,14 +16,18 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+
+from biozoo._core import CheckpointError
 
 
 def run_checkpoint_dir(trainer: L.Trainer) -> str:
@@ -44,6 +48,27 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = run_checkpoint_dir(trainer)
         super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run writes into a new version folder, where Lightning would forget the best score and let the
+        resumed run's first checkpoint become "best". The best of the whole resume chain is kept instead: its
+        score and files (still in the earlier version folders) are restored when the monitor and mode match."""
+        with warnings.catch_warnings():  # "dirpath has changed ... won't be reloaded": handled below
+            warnings.filterwarnings("ignore", message=".*dirpath has changed.*")
+            super().load_state_dict(state_dict)
+        same = state_dict.get("monitor") == self.monitor and state_dict.get("mode", self.mode) == self.mode
+        best = state_dict.get("best_model_path") or ""
+        if not same or self.monitor is None or state_dict.get("best_model_score") is None or not Path(best).is_file():
+            return
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_k_models = {k: v for k, v in (state_dict.get("best_k_models") or {}).items() if Path(k).is_file()}
+        self.best_k_models.setdefault(best, self.best_model_score)
+        worst = max if self.mode == "min" else min
+        self.kth_best_model_path = worst(self.best_k_models, key=lambda k: float(self.best_k_models[k]))
+        self.kth_value = self.best_k_models[self.kth_best_model_path]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mode": self.mode}
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         if self.dirpath is None:
@@ -91,7 +116,13 @@ class ExceptionCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return  # nothing learnt yet (e.g. missing data at setup): nothing worth keeping
-        trainer.save_checkpoint(self.ckpt_path(trainer))
+        if isinstance(exception, CheckpointError):  # writing failed (a full disk): another write would too
+            return
+        path = self.ckpt_path(trainer)
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            print(f"biozoo: interrupted at step {trainer.global_step}; saved {path} (continue with --ckpt_path last)",
+                  flush=True)
 
 
 class RestoreBest(L.Callback):

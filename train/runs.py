@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import socket
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +36,46 @@ RUN_DIR_ENV = "BIOZOO_RUN_DIR"  # set by rank 0 for the DDP processes it launche
 RESUME_ENV = "BIOZOO_RESUME_FROM"
 VERSION = re.compile(r"version_(\d+)$")
 RESUMABLE = ("last.ckpt", "on_exception.ckpt")
+# a checkpoint being written: .<name>.<host>-<pid>.<random>.tmp beside the target (AtomicCheckpointIO)
+TEMPORARY = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+ORPHAN_AGE_S = 3600  # a temporary file nobody wrote to for this long is orphaned, whichever host wrote it
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_orphan_temporaries(root: str | Path) -> list[Path]:
+    """Delete the hidden `.<name>.*.tmp` files that killed checkpoint writes left in the checkpoint folders under
+    `root`: those written on this host by a process that is gone, and any untouched for ORPHAN_AGE_S (another
+    host's, or an older biozoo's). A write still in progress is kept. Returns the removed files."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    folders = [root / "checkpoints", *(p / "checkpoints" for p in root.iterdir() if p.is_dir())]
+    removed = []
+    for folder in folders:
+        for path in folder.glob(".*.tmp") if folder.is_dir() and not folder.is_symlink() else []:
+            match = TEMPORARY.match(path.name)
+            try:
+                stale = time.time() - path.lstat().st_mtime > ORPHAN_AGE_S
+            except FileNotFoundError:
+                continue
+            dead = match is not None and match["host"] == _host() and not _pid_alive(int(match["pid"]))
+            if (dead or stale) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def versions(root: str | Path) -> list[Path]:
@@ -139,13 +182,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (RuntimeError, OSError) as e:  # torch reports a full disk as "inline_container.cc: unexpected pos"
+            Path(tmp).unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(f"could not write checkpoint {path} ({free / 2**20:.0f} MiB free on its disk; "
+                                  f"a full disk?): {' '.join(str(e).split())[:160]}") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

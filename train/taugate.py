@@ -102,7 +102,8 @@ class PEFTTask(SupervisedTask):
 
 
 class TemperatureAnneal(L.Callback):
-    """Anneals every TauGate temperature geometrically from `start` to `end` over the fit's epochs (or `epochs`)."""
+    """Anneals every TauGate temperature geometrically from `start` to `end` over the fit's epochs (or `epochs`);
+    does nothing for a model without a TauGate (the baselines share the TauGate config)."""
 
     def __init__(self, start: float = 0.05, end: float = 0.01, epochs: int | None = None):
         if not (start > 0 and end > 0):
@@ -115,8 +116,11 @@ class TemperatureAnneal(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         gated = [m for m in pl_module.modules() if isinstance(m, TauGate)]
-        if not gated:
-            raise BiozooError("TemperatureAnneal needs a TauGate model (method: taugate)")
+        if not gated:  # a baseline (bitfit, head, lora, full) run with the TauGate config: no temperature
+            if trainer.current_epoch == 0 and trainer.is_global_zero:
+                print("biozoo: TemperatureAnneal: the model has no TauGate (method "
+                      f"{getattr(pl_module.hparams, 'method', '?')}), nothing to anneal", flush=True)
+            return
         total = self.epochs or trainer.max_epochs or 1
         for model in gated:
             model.set_temperature(self.temperature_at(trainer.current_epoch, total))
