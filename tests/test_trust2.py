@@ -260,6 +260,7 @@ def test_bad_values_fail_before_anything_runs(tmp_path, override, needle):
 
 
 # 13 -----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bitfit", "head", "lora"])
 def test_the_taugate_config_runs_the_baselines_it_suggests(tmp_path, method):
     foundation = tmp_path / "foundation"
@@ -267,3 +268,50 @@ def test_the_taugate_config_runs_the_baselines_it_suggests(tmp_path, method):
     run_biozoo("fit", "-c", str(REPO / "configs/taugate/taugate.yaml"), "--model.init_args.method", method,
                "--model.init_args.checkpoint_path", str(foundation), "--trainer.fast_dev_run", "1",
                "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
+
+
+# 7 ------------------------------------------------------------------------------------------------------------
+def test_sigterm_stops_a_long_evaluation_within_seconds_and_leaves_a_resumable_checkpoint(tmp_path):
+    """One short PPO step (a last.ckpt), then an evaluation of 100,000 episodes: SIGTERM must not wait for it."""
+    root = tmp_path / "run"
+    args = ["fit", "-c", str(REPO / "configs/tasks/cartpole.yaml"), "-c", str(REPO / "configs/models/mlp.yaml"),
+            "--trainer.default_root_dir", str(root), "--model.init_args.eval_episodes", "100000",
+            "--data.init_args.num_envs", "2", "--data.init_args.rollouts_per_epoch", "1",
+            "--model.init_args.ppo.steps_per_env", "8", "--checkpoint.every_n_train_steps", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "biozoo", *args], cwd=tmp_path, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    last = root / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), proc.communicate()[1][-2000:] if proc.poll() is not None else "no checkpoint in 120 s"
+    time.sleep(1.0)  # inside the evaluation
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("still running 20 s after SIGTERM")
+    assert time.time() - sent < 20 and proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    saved = torch.load(root / "version_0" / "checkpoints" / "on_exception.ckpt", weights_only=True)
+    assert saved["global_step"] > 0 and "control" in saved
+    assert "SIGTERM" in stderr
+
+
+# 8 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task,model", [("swimmer_ppo", "ctm"), ("swimmer_es", "mlp_policy")])
+def test_a_fast_dev_run_of_a_control_task_is_one_short_rollout_update_and_episode(tmp_path, task, model):
+    from biozoo.train.cli import BiozooCLI
+
+    cli = BiozooCLI(args=["fit", "-c", str(REPO / f"configs/tasks/{task}.yaml"),
+                          "-c", str(REPO / f"configs/models/{model}.yaml"), "--trainer.fast_dev_run=true",
+                          f"--trainer.default_root_dir={tmp_path}"])
+    task = cli.model
+    assert task.hparams.eval_episodes == 1 and cli.datamodule.env_kwargs["max_episode_steps"] == 32
+    if task.hparams.algorithm == "ppo":
+        assert task.env_steps == 16 * 2 and task.ppo_cfg.epochs == 1
+    else:  # one generation: two members, one episode of at most 32 steps each
+        assert 0 < task.env_steps <= 2 * 32
+    assert "val/return" in cli.trainer.callback_metrics

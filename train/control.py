@@ -16,6 +16,7 @@ The env comes from an `EnvDataModule` (`biozoo.envs.control`: one env factory, o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -210,7 +211,35 @@ class ControlTask(BiozooTask):
             raise BiozooError("ControlTask trains on an EnvDataModule (data.class_path: biozoo.envs.control.EnvDataModule)")
         return dm
 
+    # a fast dev run: one short rollout, one update epoch, one short evaluation episode, no report
+    DEV_RUN_ENVS, DEV_RUN_STEPS, DEV_RUN_EPISODE = 2, 16, 32
+
+    def limit_for_dev_run(self) -> None:
+        """Under `--trainer.fast_dev_run`, shrink the run to one rollout of DEV_RUN_STEPS steps in DEV_RUN_ENVS
+        envs (ES: a population of 2), one update epoch and one evaluation episode of at most DEV_RUN_EPISODE
+        steps: seconds for any model, where the configured sizes take minutes per step."""
+        if not getattr(self._trainer, "fast_dev_run", False) or getattr(self, "_dev_run", False):
+            return
+        self._dev_run = True
+        dm = self.datamodule
+        dm.num_envs = min(dm.num_envs, self.DEV_RUN_ENVS)
+        dm.env_kwargs["max_episode_steps"] = min(dm.env_kwargs.get("max_episode_steps") or self.DEV_RUN_EPISODE,
+                                                 self.DEV_RUN_EPISODE)
+        self.ppo_cfg = dataclasses.replace(self.ppo_cfg, steps_per_env=min(self.ppo_cfg.steps_per_env,
+                                                                           self.DEV_RUN_STEPS), epochs=1, minibatches=1)
+        self.es_cfg = dataclasses.replace(self.es_cfg, population=2)
+        self.hparams.eval_episodes = 1
+        print(f"biozoo: fast_dev_run: one rollout of {self.ppo_cfg.steps_per_env} steps x {dm.num_envs} envs, one "
+              f"update, one evaluation episode of at most {dm.env_kwargs['max_episode_steps']} steps", flush=True)
+
+    def on_validation_start(self) -> None:
+        self.limit_for_dev_run()
+
+    def on_test_start(self) -> None:
+        self.limit_for_dev_run()
+
     def on_fit_start(self) -> None:
+        self.limit_for_dev_run()
         dm, cfg = self.datamodule, self.ppo_cfg
         if self.hparams.algorithm == "es":
             self.envs = dm.make_vec(self.es_cfg.population)
@@ -223,7 +252,7 @@ class ControlTask(BiozooTask):
         if self.envs is not None:
             self.envs.close()
             self.envs, self.runner = None, None
-        if self.hparams.report and self.trainer.is_global_zero:
+        if self.hparams.report and self.trainer.is_global_zero and not self.trainer.fast_dev_run:
             self.write_report(Path(self.trainer.log_dir or self.trainer.default_root_dir))
 
     # training ----------------------------------------------------------------------------------------------------
