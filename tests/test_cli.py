@@ -118,6 +118,7 @@ def test_tensorboard_and_offline_wandb_loggers(tmp_path):
     assert (run / "metrics.csv").exists() and list((run / "tensorboard").glob("events.out.tfevents.*"))
     runs = list((run / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+    assert not list(home.rglob("*wandb*"))  # W&B's cache and config stay inside the run folder too
 
 
 def test_list_and_print_config():

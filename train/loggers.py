@@ -46,13 +46,28 @@ def wandb_account_configured() -> bool:
         return False
 
 
+WANDB_DIRS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data",
+              "WANDB_ARTIFACT_DIR": "artifacts"}
+_set_here: dict[str, str] = {}
+
+
+def run_local_wandb_dirs(save_dir: str) -> None:
+    """Point W&B's cache, config, data and artifact folders (else under ~/.cache, ~/.config) into
+    `save_dir/wandb/`, so a run writes nothing outside its folder. A folder the user set in the environment wins."""
+    for var, sub in WANDB_DIRS.items():
+        if os.environ.get(var) in (None, _set_here.get(var)):
+            _set_here[var] = os.environ[var] = os.path.join(os.path.abspath(save_dir), "wandb", sub)
+
+
 class WandbLogger(_LightningWandbLogger):
     """Lightning's WandbLogger that runs offline (files under save_dir/wandb, sync later with `wandb sync`)
-    when no account is configured or WANDB_MODE=offline, instead of prompting for a login."""
+    when no account is configured or WANDB_MODE=offline, instead of prompting for a login. W&B's own cache and
+    config folders go under save_dir/wandb too (`run_local_wandb_dirs`)."""
 
     def __init__(self, name: str | None = None, save_dir: str | None = None, project: str = "biozoo",
                  offline: bool | None = None, log_model: bool = False, **kwargs: Any):
         save_dir = save_dir or "."
+        run_local_wandb_dirs(save_dir)
         if offline is None:
             offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_account_configured()
         os.makedirs(save_dir, exist_ok=True)
