@@ -315,3 +315,43 @@ def test_a_fast_dev_run_of_a_control_task_is_one_short_rollout_update_and_episod
     else:  # one generation: two members, one episode of at most 32 steps each
         assert 0 < task.env_steps <= 2 * 32
     assert "val/return" in cli.trainer.callback_metrics
+
+
+# 18 -----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_installed_wheel_runs_the_readme_commands_from_an_empty_folder(tmp_path):
+    """Build the wheel, install it (no dependencies: they come from this environment) into its own folder, and
+    run the README's commands from an empty folder: the configs are found among the packaged ones."""
+    import re
+
+    pytest.importorskip("wheel")
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip[:3], "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w", str(tmp_path / "dist")],
+                   cwd=REPO, check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("biozoo-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+    def biozoo_cmd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "biozoo", *args], cwd=empty, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    where = subprocess.run([sys.executable, "-c", "import biozoo.cli as c; print(c.__file__, c.configs_dir())"],
+                           cwd=empty, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert where[0].startswith(str(site)) and where[1].startswith(str(site))
+    listed = biozoo_cmd("configs")
+    shipped = sorted((REPO / "configs").rglob("*.yaml"))
+    assert listed.returncode == 0 and "configs/quickstart.yaml" in listed.stdout
+    assert len([line for line in listed.stdout.splitlines() if line.startswith("configs/")]) == len(shipped)
+    assert biozoo_cmd("--version").stdout.strip() == "biozoo 0.1.0"
+    fit = biozoo_cmd("fit", "-c", "configs/quickstart.yaml", "--trainer.max_epochs", "1")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert (empty / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    matrix = biozoo_cmd("matrix", "--tasks", "digits", "cartpole")
+    fits = re.search(r"(\d+) of (\d+) pairs fit", matrix.stdout)
+    assert matrix.returncode == 0 and fits and int(fits.group(1)) > 0 and int(fits.group(2)) > 0, matrix.stdout[-500:]
+    missing = biozoo_cmd("fit", "-c", "configs/nope.yaml")
+    assert missing.returncode != 0 and "configs/nope.yaml not found" in missing.stderr

@@ -26,8 +26,9 @@ import torch
 import yaml
 
 from biozoo._core import BiozooError, DataNotFoundError, DataSpec, first_line
+from biozoo.cli import configs_dir
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = configs_dir()  # the packaged configs (the repo's configs/ in a source checkout)
 
 # data sizes for a smoke run: every DataModule argument of these names is shrunk (the data stay generated)
 SMALL_DATA = {"train_size": 64, "val_size": 32, "test_size": 32, "n_train": 32, "n_val": 16, "n_test": 16,
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None, help="only these model configs (by name)")
     args = parser.parse_args(argv)
     tasks, models = task_configs(args.configs), model_configs(args.configs)
+    if not tasks or not models:
+        raise BiozooError(f"no task or model configs under {args.configs} (it needs tasks/*.yaml and models/*.yaml)")
     for picked, known, what in ((args.tasks, tasks, "task"), (args.models, models, "model")):
         unknown = sorted(set(picked or []) - set(known))
         if unknown:
