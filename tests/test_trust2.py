@@ -324,10 +324,19 @@ def test_an_installed_wheel_runs_the_readme_commands_from_an_empty_folder(tmp_pa
     run the README's commands from an empty folder: the configs are found among the packaged ones."""
     import re
 
+    import shutil
+
     pytest.importorskip("wheel")
+    source = tmp_path / "source"  # a copy, so the build leaves no build/ folder in the repo
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "biozoo", "models", "train", "envs", "configs"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip[:3], "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w", str(tmp_path / "dist")],
-                   cwd=REPO, check=True, capture_output=True)
+                   cwd=source, check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("biozoo-*.whl"))
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
@@ -355,3 +364,17 @@ def test_an_installed_wheel_runs_the_readme_commands_from_an_empty_folder(tmp_pa
     assert matrix.returncode == 0 and fits and int(fits.group(1)) > 0 and int(fits.group(2)) > 0, matrix.stdout[-500:]
     missing = biozoo_cmd("fit", "-c", "configs/nope.yaml")
     assert missing.returncode != 0 and "configs/nope.yaml not found" in missing.stderr
+
+
+# 20 -----------------------------------------------------------------------------------------------------------
+def test_version_licence_changelog_ignores_and_the_cpu_install_line():
+    from importlib.metadata import version
+
+    assert run_biozoo("--version").stdout.strip() == f"biozoo {version('biozoo')}"
+    licence = (REPO / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence and "END OF TERMS" in licence
+    assert "0.1.0" in (REPO / "CHANGELOG.md").read_text()
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "build/" in ignored and "dist/" in ignored
+    readme = (REPO / "README.md").read_text()
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in readme
