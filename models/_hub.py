@@ -214,10 +214,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def model_from_config(config: dict[str, Any], source: Path | str, weights: Path | None = None,
+def model_from_config(config: dict[str, Any], source: Path | str, weights_file: Path | None = None,
                       **overrides: Any) -> nn.Module:
-    """Build the model a config describes. With `weights` (a .safetensors file), the model is first built on the
-    meta device and checked against the file's header, so a config asking for a huge model fails before any
+    """Build the model a config describes. With `weights_file` (a .safetensors file), the model is first built on
+    the meta device and checked against the file's header, so a config asking for a huge model fails before any
     memory is allocated. Wrongly typed fields give one CheckpointError line."""
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise CheckpointError(f"{source} is not a biozoo config (no \"format\": \"biozoo\" and \"model\" keys)")
@@ -239,19 +239,22 @@ def model_from_config(config: dict[str, Any], source: Path | str, weights: Path 
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
             raise CheckpointError(f"{source}: its kwargs do not build {name}: {first_line(e)[:200]}") from None
 
-    if weights is not None and weights.is_file():
-        header = read_safetensors_header(weights)
+    if weights_file is not None and weights_file.is_file():
+        header = read_safetensors_header(weights_file)
         try:
             with torch.device("meta"):
                 skeleton = build()
         except (CheckpointError, RuntimeError, NotImplementedError):
             skeleton = None  # a builder that computes on its tensors cannot run on meta: checked after the build
         if skeleton is not None:
-            check_state_dict(skeleton, {k: shape for k, (shape, _) in header.items()}, weights)
-            missing = set(skeleton.state_dict()) - set(header)
+            check_state_dict(skeleton, {k: shape for k, (shape, _) in header.items()}, weights_file)
+            tied: dict[int, list[str]] = {}  # a tied tensor is stored once, under one of its names
+            for key, tensor in skeleton.state_dict(keep_vars=True).items():
+                tied.setdefault(id(tensor), []).append(key)
+            missing = [k for keys in tied.values() if not any(k in header for k in keys) for k in keys]
             if missing:
-                raise CheckpointError(f"{weights} does not match {source}: missing keys {_names(missing)}")
-            check_dtypes(skeleton, {k: dtype for k, (_, dtype) in header.items()}, weights)
+                raise CheckpointError(f"{weights_file} does not match {source}: missing keys {_names(missing)}")
+            check_dtypes(skeleton, {k: dtype for k, (_, dtype) in header.items()}, weights_file)
     return build()
 
 
@@ -344,7 +347,7 @@ def load_pretrained(path: str | Path, **overrides: Any) -> nn.Module:
             raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
     if isinstance(config, dict) and config.get("format") == FORMAT:
         weights = path if path.suffix == ".safetensors" else folder / WEIGHTS_NAME
-        model = model_from_config(config, config_file, weights, **overrides)
+        model = model_from_config(config, config_file, weights_file=weights, **overrides)
         load_weights(model, weights)
         return model.eval()
     for fmt in _formats.values():

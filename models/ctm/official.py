@@ -226,7 +226,8 @@ def load_official_checkpoint(path: str | Path) -> nn.Module:
 
 # --- The official weights by name --------------------------------------------------------------------------------
 # `create_model("ctm", pretrained="sakana.maze_large")` downloads these once and converts them into the cache
-# (biozoo.models._hub.fetch_pretrained). Their sha256 are not published; none is checked.
+# (biozoo.models._hub.fetch_pretrained). Their sha256 are not published: the converted weights' sha256 is recorded
+# in the cache folder and checked on every use.
 
 def hf_files(repo: str) -> dict[str, str]:
     return {name: f"https://huggingface.co/{repo}/resolve/main/{name}" for name in ("config.json", "model.safetensors")}
