@@ -1,5 +1,6 @@
-"""The contract every part of biozoo shares: errors, `DataSpec` (what a task's data is) and `ModelOutput` (what every
-model's forward returns). `models/`, `envs/` and `train/` all import this module and nothing else of the face.
+"""The contract every part of biozoo shares: errors, `DataSpec` (what a task's data is), `ModelOutput` (what every
+model's forward returns) and where the configs are. `models/`, `envs/` and `train/` import this module and nothing
+else of the face.
 
     spec = DataSpec("image", (1, 8, 8), "classes", num_classes=10)
     spec.in_features, spec.sequence_shape, spec.out_dims     # 64, (8, 8), 10
@@ -13,6 +14,7 @@ import difflib
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -314,3 +316,58 @@ def pack_tokens(ids: np.ndarray, dts: np.ndarray, block_size: int, sos: int, eos
     id_seq = np.concatenate([[sos], ids, [eos], np.full(n_pad, pad)]).astype(np.int64)
     dt_seq = np.concatenate([[0], dts, [dt_eos], np.full(n_pad, dt_pad)]).astype(np.int64)
     return id_seq, dt_seq
+
+
+# --- configs ------------------------------------------------------------------------------------------------------
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def configs_dir() -> Path:
+    """The configs shipped with biozoo: `biozoo/configs` in an installed wheel, the repo's top-level `configs/`
+    in a source checkout (an editable install)."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(value: str) -> str:
+    """A `-c` value as a file to read: the path itself where it exists (relative to the working folder), else the
+    packaged config of that name (`configs/quickstart.yaml` or `quickstart.yaml`). An empty file, one that is not
+    a YAML mapping, or a path found nowhere raises a one-line BiozooError naming it. Inline YAML passes through."""
+    import yaml
+
+    path = Path(value)
+    if not path.exists():
+        if path.suffix not in CONFIG_SUFFIXES:
+            return value  # jsonargparse also takes a YAML string after -c
+        parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+        packaged = configs_dir().joinpath(*parts) if parts and not path.is_absolute() else None
+        if packaged is None or not packaged.is_file():
+            raise BiozooError(f"config file {value} not found in {Path.cwd()} nor among the packaged configs "
+                              "(`biozoo configs` lists them)")
+        path = packaged
+    if path.is_dir():
+        raise BiozooError(f"config {value} is a folder, not a YAML file")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BiozooError(f"config {value} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    if content is None:
+        raise BiozooError(f"config {value} is empty: a config is a YAML mapping (trainer:, model:, data:, ...)")
+    if not isinstance(content, dict):
+        raise BiozooError(f"config {value} is not a YAML mapping (it holds a {type(content).__name__})")
+    return str(path)
+
+
+def resolve_config_args(words: list[str]) -> list[str]:
+    """Every `-c X` / `--config X` / `--config=X` with X resolved by `find_config`."""
+    out, expect = [], False
+    for word in words:
+        if expect:
+            out.append(find_config(word))
+        elif word.startswith("--config="):
+            out.append("--config=" + find_config(word.split("=", 1)[1]))
+        else:
+            out.append(word)
+        expect = not expect and word in ("-c", "--config")
+    return out

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from biozoo._core import BiozooError
+from biozoo._core import BiozooError, configs_dir
 
 
 USAGE = """usage: biozoo COMMAND [ARGS]
@@ -41,59 +41,6 @@ Help on one command: biozoo fit --help, biozoo convert --help, ...
 Errors print one line; BIOZOO_DEBUG=1 (or --debug) shows the traceback."""
 
 CATALOG_PACKAGES = ("biozoo.envs", "biozoo.train")
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def configs_dir() -> Path:
-    """The configs shipped with biozoo: `biozoo/configs` in an installed wheel, the repo's top-level `configs/`
-    in a source checkout (an editable install)."""
-    packaged = Path(__file__).resolve().parent / "configs"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "configs"
-
-
-def find_config(value: str) -> str:
-    """A `-c` value as a file to read: the path itself where it exists (relative to the working folder), else the
-    packaged config of that name (`configs/quickstart.yaml` or `quickstart.yaml`). An empty file, one that is not
-    a YAML mapping, or a path found nowhere raises a one-line BiozooError naming it. Inline YAML passes through."""
-    import yaml
-
-    path = Path(value)
-    if not path.exists():
-        if path.suffix not in CONFIG_SUFFIXES:
-            return value  # jsonargparse also takes a YAML string after -c
-        parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
-        packaged = configs_dir().joinpath(*parts) if parts and not path.is_absolute() else None
-        if packaged is None or not packaged.is_file():
-            raise BiozooError(f"config file {value} not found in {Path.cwd()} nor among the packaged configs "
-                              "(`biozoo configs` lists them)")
-        path = packaged
-    if path.is_dir():
-        raise BiozooError(f"config {value} is a folder, not a YAML file")
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise BiozooError(f"config {value} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
-    if content is None:
-        raise BiozooError(f"config {value} is empty: a config is a YAML mapping (trainer:, model:, data:, ...)")
-    if not isinstance(content, dict):
-        raise BiozooError(f"config {value} is not a YAML mapping (it holds a {type(content).__name__})")
-    return str(path)
-
-
-def resolve_config_args(words: list[str]) -> list[str]:
-    """Every `-c X` / `--config X` / `--config=X` with X resolved by `find_config`."""
-    out, expect = [], False
-    for word in words:
-        if expect:
-            out.append(find_config(word))
-        elif word.startswith("--config="):
-            out.append("--config=" + find_config(word.split("=", 1)[1]))
-        else:
-            out.append(word)
-        expect = not expect and word in ("-c", "--config")
-    return out
-
-
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed

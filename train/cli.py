@@ -24,8 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from biozoo._core import BiozooError, CheckpointError
-from biozoo.cli import resolve_config_args
+from biozoo._core import BiozooError, CheckpointError, resolve_config_args
 from biozoo.models import safe_torch_load
 
 from .callbacks import ExceptionCheckpoint, LearningCurvePlot, RestoreBest, RunCheckpoint

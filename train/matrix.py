@@ -25,8 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from biozoo._core import BiozooError, DataNotFoundError, DataSpec, first_line
-from biozoo.cli import configs_dir
+from biozoo._core import BiozooError, DataNotFoundError, DataSpec, configs_dir, first_line
 
 CONFIGS = configs_dir()  # the packaged configs (the repo's configs/ in a source checkout)
 
