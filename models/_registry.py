@@ -223,9 +223,9 @@ def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str
                  **overrides: Any) -> nn.Module:
     """Build a registered model.
 
-    `pretrained`: False, True (the model's default tag, `biozoo list` marks it) or a tag (one published elsewhere is downloaded once into the
-    cache, $BIOZOO_CACHE or ~/.cache/biozoo, and converted); `name.tag` works too. `checkpoint_path`
-    loads weights (a folder or a .safetensors file) strictly into the freshly built model.
+    `pretrained`: False, True (the model's default tag, `biozoo list` marks it) or a tag (one published elsewhere
+    is downloaded once into the cache, $BIOZOO_CACHE or ~/.cache/biozoo, and converted); `name.tag` works too.
+    `checkpoint_path` loads weights (a folder or a .safetensors file) strictly into the freshly built model.
     """
     from ._hub import load_pretrained, load_weights  # the hub imports this module
 
