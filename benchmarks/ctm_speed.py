@@ -11,6 +11,7 @@ Configurations (`--config`):
     python benchmarks/ctm_speed.py --official-path /tmp/ctm_official # + the official code (a checkout of
                                                                      #   SakanaAI/continuous-thought-machines)
     python benchmarks/ctm_speed.py --config image --official-path /tmp/ctm_official --runs 7 --skip-adaptive
+    python benchmarks/ctm_speed.py --smoke [--config image]          # seconds: 4 ticks, 1 run (CI; no figures)
 
 Prints forward (no_grad) and forward+backward medians, the bytes saved for backward per tick (autograd's
 saved-tensor hooks, T=25 minus T=12, divided by 13), the largest output and gradient differences after loading
@@ -25,6 +26,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,10 +53,23 @@ def batch(config: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
 
 
-def official_model(path: str, config: dict, seed: int):
+def import_official(path: str):
+    """(ContinuousThoughtMachine, image_classification_loss, parity_loss) of the official checkout at `path`, or
+    a one-line SystemExit when `path` does not hold one."""
+    if not (Path(path) / "models" / "ctm.py").is_file() or not (Path(path) / "utils" / "losses.py").is_file():
+        raise SystemExit(f"--official-path {path}: not a checkout of SakanaAI/continuous-thought-machines "
+                         "(models/ctm.py and utils/losses.py are missing)")
     sys.path.insert(0, path)
-    from models.ctm import ContinuousThoughtMachine  # the official package, imported from `path`
-    from utils.losses import image_classification_loss, parity_loss
+    try:
+        from models.ctm import ContinuousThoughtMachine  # the official package, imported from `path`
+        from utils.losses import image_classification_loss, parity_loss
+    except ImportError as e:
+        raise SystemExit(f"--official-path {path}: the official code does not import ({type(e).__name__}: {e})")
+    return ContinuousThoughtMachine, image_classification_loss, parity_loss
+
+
+def official_model(path: str, config: dict, seed: int):
+    ContinuousThoughtMachine, image_classification_loss, parity_loss = import_official(path)
 
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -121,10 +136,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-adaptive", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="4 ticks, one run, no adaptive table: checks the code")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = CONFIGS[args.config]
+    if args.official_path:
+        import_official(args.official_path)  # a wrong path fails here, in one line
+    if args.smoke:
+        config = {**config, "iterations": 4}
+        args.runs, args.warmup, args.skip_adaptive = 1, 0, True
+        if not args.official_path:
+            print("smoke: the official comparison is skipped (no --official-path)")
     x, y = batch(config, args.seed)
     models = {"ours": our_model(config, args.seed)}
     if args.official_path:
