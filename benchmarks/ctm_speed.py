@@ -12,8 +12,10 @@ Configurations (`--config`):
                                                                      #   SakanaAI/continuous-thought-machines)
     python benchmarks/ctm_speed.py --config image --official-path /tmp/ctm_official --runs 7 --skip-adaptive
     python benchmarks/ctm_speed.py --smoke [--config image]          # seconds: 4 ticks, 1 run (CI; no figures)
+    python benchmarks/ctm_speed.py --official-path /tmp/ctm_official --profile --runs 1 --warmup 0 --skip-adaptive
 
-Prints forward (no_grad) and forward+backward medians, the bytes saved for backward per tick (autograd's
+Prints forward (no_grad) and forward+backward medians of the thread's CPU time (a shared machine's other processes
+count as little as possible; the two implementations alternate), the per-round ratios as median [quartiles], the bytes saved for backward per tick (autograd's
 saved-tensor hooks, T=25 minus T=12, divided by 13), the largest output and gradient differences after loading
 the official weights into ours, and the ratios. Memory per tick is the difference between T and T/2 ticks. Then
 the adaptive-compute table of the shipped parity checkpoint.
@@ -94,14 +96,46 @@ def timed(fn) -> float:
 
 
 def step(model, loss_fn, x, y, backward: bool) -> float:
-    start = time.perf_counter()
+    """Seconds of this thread's CPU time for one step: with one thread the whole step, backward included, runs in
+    it, so the time other processes hold the (shared) core is not counted."""
+    start = time.thread_time()
     if backward:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
     else:
         with torch.no_grad():
             model(x)
-    return time.perf_counter() - start
+    return time.thread_time() - start
+
+
+def spread(values: list[float]) -> str:
+    """median [lower quartile, upper quartile] (the values themselves when fewer than 4)."""
+    if len(values) < 4:
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+    q = statistics.quantiles(values, n=4)
+    return f"{q[1]:.2f} [{q[0]:.2f}-{q[2]:.2f}]"
+
+
+def profile(models: dict, x: torch.Tensor, y: torch.Tensor, ticks: int, rows: int = 14, repeats: int = 3) -> None:
+    """torch.profiler over `repeats` forward+backward steps of each model: the operators by self CPU time, per
+    tick (total / repeats / ticks), with their share of the step; backward operators are autograd's nodes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name, (model, loss_fn) in models.items():
+        step(model, loss_fn, x, y, True)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                step(model, loss_fn, x, y, True)
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        events.sort(key=lambda e: -e.self_cpu_time_total)
+        print(f"\n{name}: {total / repeats / 1e3:.1f} ms self CPU per forward+backward, {total / repeats / ticks:.0f} us "
+              f"per tick; {sum(e.count for e in events) / repeats / ticks:.0f} operator calls per tick")
+        print(f"  {'operator':<44}{'us/tick':>9}{'share':>7}{'calls/tick':>11}")
+        for e in events[:rows]:
+            print(f"  {e.key[:44]:<44}{e.self_cpu_time_total / repeats / ticks:9.1f}"
+                  f"{100 * e.self_cpu_time_total / total:6.1f}%{e.count / repeats / ticks:11.1f}")
 
 
 def saved_bytes(model, loss_fn, x, y) -> tuple[int, int]:
@@ -137,6 +171,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-adaptive", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="4 ticks, one run, no adaptive table: checks the code")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (per tick)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -169,6 +204,8 @@ def main() -> None:
     print(f"parameters: {sum(p.numel() for p in models['ours'][0].parameters()):,}; threads {args.threads}; "
           f"{args.config}: batch {len(x)}, {config['iterations']} ticks, input {tuple(x.shape[1:])}")
 
+    if args.profile:
+        profile(models, x, y, config["iterations"], repeats=1 if args.smoke or args.config == "image" else 3)
     times = {(name, mode): [] for name in models for mode in ("fwd", "fwd+bwd")}
     for i in range(args.warmup + args.runs):  # interleaved, so a busy machine slows both alike
         for name, (model, loss_fn) in models.items():
@@ -185,7 +222,11 @@ def main() -> None:
         print(f"{name:10s} {medians[name, 'fwd']:9.3f}s {medians[name, 'fwd+bwd']:9.3f}s "
               f"{memory[name][0]:9.2f} MiB {memory[name][1]:10.2f} MiB")
     if args.official_path:
-        print(f"speed-up: forward {medians['official', 'fwd'] / medians['ours', 'fwd']:.2f}x, forward+backward "
+        ratios = {mode: [a / b for a, b in zip(times["official", mode], times["ours", mode])]
+                  for mode in ("fwd", "fwd+bwd")}  # per round: the two ran back to back
+        print(f"speed-up (official / ours, per round: median [quartiles] of {args.runs}): forward "
+              f"{spread(ratios['fwd'])}x, forward+backward {spread(ratios['fwd+bwd'])}x")
+        print(f"speed-up of the medians: forward {medians['official', 'fwd'] / medians['ours', 'fwd']:.2f}x, forward+backward "
               f"{medians['official', 'fwd+bwd'] / medians['ours', 'fwd+bwd']:.2f}x; memory saved for backward per tick "
               f"{memory['ours'][1] / memory['official'][1]:.2f}x of the official (distinct storages; "
               f"{memory['ours'][0] / memory['official'][0]:.2f}x counting every saved tensor)")

@@ -50,6 +50,39 @@ class ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class FusedNLM(torch.autograd.Function):
+    """The deep NLM, SuperLinear(M -> 2H), GLU, SuperLinear(H -> 2), GLU, as one function of the neuron-major trace
+    (D, B, M) -> z (D, B), with its backward written out: two batched matmuls forward, four backward, and only the
+    trace and the two layers' pre-activations saved (autograd would keep every intermediate of the GLUs, and
+    route the gradients through a dozen small operators). Weights: `NeuronLevelModels.fused_weights()`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor) -> torch.Tensor:
+        pre1 = torch.baddbmm(b1, x, w1)  # (D, B, 2H): value | gate
+        half = pre1.size(-1) // 2
+        hidden = pre1[..., :half] * torch.sigmoid(pre1[..., half:])
+        pre2 = torch.baddbmm(b2, hidden, w2)  # (D, B, 2)
+        ctx.save_for_backward(x, w1, w2, pre1, pre2)
+        return pre2[..., 0] * torch.sigmoid(pre2[..., 1])
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, w1, w2, pre1, pre2 = ctx.saved_tensors
+        half = pre1.size(-1) // 2
+        value1, sig1 = pre1[..., :half], torch.sigmoid(pre1[..., half:])
+        hidden = value1 * sig1
+        value2, sig2 = pre2[..., 0], torch.sigmoid(pre2[..., 1])
+        dz = dz.contiguous()  # it arrives transposed from the (B, D) post-activations
+        dvalue2 = dz * sig2
+        dpre2 = torch.stack((dvalue2, dvalue2 * value2 * (1 - sig2)), -1)
+        dhidden = torch.bmm(dpre2, w2.transpose(1, 2))
+        dvalue1 = dhidden * sig1
+        dpre1 = torch.cat((dvalue1, dvalue1 * value1 * (1 - sig1)), -1)
+        return (torch.bmm(dpre1, w1.transpose(1, 2)), torch.bmm(x.transpose(1, 2), dpre1), dpre1.sum(1, True),
+                torch.bmm(hidden.transpose(1, 2), dpre2), dpre2.sum(1, True))
+
+
 class SuperLinear(nn.Module):
     """N private linear maps, one per neuron: out[b, n] = (x[b, n] @ w1[:, :, n] + b1[0, n]) / T.
 
@@ -134,6 +167,17 @@ class NeuronLevelModels(nn.Sequential):
 
     def neuron_major_weights(self) -> list[tuple[torch.Tensor, ...]]:
         return [layer.glu_weights() for layer in self[0] if isinstance(layer, SuperLinear)]
+
+    def fused_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """(w1 (D, M, 2H), b1 (D, 1, 2H), w2 (D, H, 2), b2 (D, 1, 2)) for `FusedNLM`, the temperatures folded in
+        once per forward; None where it does not apply (shallow or H = 1, LayerNorm or dropout in the NLM)."""
+        layers = [layer for layer in self[0] if isinstance(layer, SuperLinear)]
+        if len(layers) != 2 or layers[0].out_dims < 4 or any(
+                not isinstance(layer.layernorm, nn.Identity) or not isinstance(layer.dropout, nn.Identity)
+                for layer in layers):
+            return None
+        return tuple(t for layer in layers for t in ((layer.w1 / layer.T).permute(2, 0, 1).contiguous(),
+                                                        (layer.b1 / layer.T).transpose(0, 1)))
 
 
 class SynapseUNET(nn.Module):
@@ -609,4 +653,4 @@ def attend_projected(attention: nn.MultiheadAttention, q: torch.Tensor, keys: to
     return attention.out_proj((weights @ values).reshape(B, E)), weights
 
 
-__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "Neurons", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "must_call", "folded_query", "query_projection", "attend_projected"]
+__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "FusedNLM", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "Neurons", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "must_call", "folded_query", "query_projection", "attend_projected"]

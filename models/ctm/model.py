@@ -14,7 +14,7 @@ from biozoo._core import DataSpec, ModelOutput, classes_first
 
 from .._registry import register_model
 from ..errors import BiozooError, check_choice
-from .blocks import (HALT_ON, NEURON_SELECT_TYPES, NeuronLevelModels, Neurons, SynapseOutput, TickedModelBase,
+from .blocks import (HALT_ON, NEURON_SELECT_TYPES, FusedNLM, NeuronLevelModels, Neurons, SynapseOutput, TickedModelBase,
                      attend, attend_projected, attention_memory, make_synapses, query_projection,
                      sample_synch_neurons, synch_pairs, synch_representation_size)
 
@@ -272,7 +272,8 @@ class ContinuousThoughtMachine(TickedModelBase):
         else:
             inputs = x.flatten(1)
         pair_left, pair_right, r = self._synch_setup()
-        nlm_weights = self.trace_processor.neuron_major_weights()
+        nlm_fused = self.trace_processor.fused_weights()  # FusedNLM where it applies
+        nlm_weights = self.trace_processor.neuron_major_weights() if nlm_fused is None else None
         if state is None:
             z = self.start_activated_state.unsqueeze(0).expand(B, D)
             trace = self.start_trace.unsqueeze(1).expand(D, B, self.memory_length)  # neuron-major (D, B, M)
@@ -302,7 +303,9 @@ class ContinuousThoughtMachine(TickedModelBase):
                 features = inputs
             pre = self.synapse_output(self.synapses(torch.cat((features, z), -1)))
             trace = torch.cat((trace[:, :, 1:], pre.t().unsqueeze(-1)), -1)
-            z = self.neurons(self.trace_processor.forward_neuron_major(trace, nlm_weights).t())
+            z = FusedNLM.apply(trace, *nlm_fused) if nlm_fused is not None else \
+                self.trace_processor.forward_neuron_major(trace, nlm_weights)
+            z = self.neurons(z.t())
             alpha = r * alpha + z[:, pair_left] * z[:, pair_right]
             beta = r * beta + 1
             synch = alpha / torch.sqrt(beta)
