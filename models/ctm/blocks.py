@@ -375,6 +375,9 @@ class TruncatedResNet(nn.Module):
         return nn.Sequential(*out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last: the CPU (oneDNN) convolutions run without reordering, and the features come out in the
+        # token layout (B, H*W, C) the attention reads, so flattening them copies nothing
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for stage in range(1, self.stages + 1):
             x = getattr(self, f"layer{stage}")(x)

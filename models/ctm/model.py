@@ -272,6 +272,7 @@ class ContinuousThoughtMachine(TickedModelBase):
         else:
             inputs = x.flatten(1)
         pair_left, pair_right, r = self._synch_setup()
+        pair_both, n_pairs = torch.cat((pair_left, pair_right)), len(pair_left)
         nlm_fused = self.trace_processor.fused_weights()  # FusedNLM where it applies
         nlm_weights = self.trace_processor.neuron_major_weights() if nlm_fused is None else None
         if state is None:
@@ -306,7 +307,8 @@ class ContinuousThoughtMachine(TickedModelBase):
             z = FusedNLM.apply(trace, *nlm_fused) if nlm_fused is not None else \
                 self.trace_processor.forward_neuron_major(trace, nlm_weights)
             z = self.neurons(z.t())
-            alpha = r * alpha + z[:, pair_left] * z[:, pair_right]
+            pairs = z.index_select(1, pair_both)  # one gather (and one index_add backward) for both sides
+            alpha = r * alpha + pairs[:, :n_pairs] * pairs[:, n_pairs:]
             beta = r * beta + 1
             synch = alpha / torch.sqrt(beta)
             synch_out, synch_action = synch[:, :S_out], synch[:, S_out:]
