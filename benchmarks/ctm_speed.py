@@ -14,10 +14,12 @@ Configurations (`--config`):
     python benchmarks/ctm_speed.py --smoke [--config image]          # seconds: 4 ticks, 1 run (CI; no figures)
     python benchmarks/ctm_speed.py --official-path /tmp/ctm_official --profile --runs 1 --warmup 0 --skip-adaptive
 
-Prints forward (no_grad) and forward+backward medians of the thread's CPU time (a shared machine's other processes
-count as little as possible; the two implementations alternate), the per-round ratios as median [quartiles], the bytes saved for backward per tick (autograd's
-saved-tensor hooks, T=25 minus T=12, divided by 13), the largest output and gradient differences after loading
-the official weights into ours, and the ratios. Memory per tick is the difference between T and T/2 ticks. Then
+Prints forward (no_grad) and forward+backward medians of the thread's CPU time (a shared machine's other
+processes count as little as possible; the two implementations alternate), the per-round ratios as median
+[quartiles], the bytes saved for backward per tick (autograd's saved-tensor hooks, T minus T/2 ticks, divided by
+T/2), the largest output and gradient differences after loading the official weights into ours, and the ratios.
+`--profile` first prints torch.profiler's operator table per tick for each implementation (the before/after
+tables are in the README's "CTM performance notes"). Memory per tick is the difference between T and T/2 ticks. Then
 the adaptive-compute table of the shipped parity checkpoint.
 The official code is imported from --official-path only; nothing of it is stored in this repository.
 """
@@ -130,7 +132,8 @@ def profile(models: dict, x: torch.Tensor, y: torch.Tensor, ticks: int, rows: in
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         total = sum(e.self_cpu_time_total for e in events)
         events.sort(key=lambda e: -e.self_cpu_time_total)
-        print(f"\n{name}: {total / repeats / 1e3:.1f} ms self CPU per forward+backward, {total / repeats / ticks:.0f} us "
+        print(f"\n{name}: {total / repeats / 1e3:.1f} ms self CPU per forward+backward, "
+              f"{total / repeats / ticks:.0f} us "
               f"per tick; {sum(e.count for e in events) / repeats / ticks:.0f} operator calls per tick")
         print(f"  {'operator':<44}{'us/tick':>9}{'share':>7}{'calls/tick':>11}")
         for e in events[:rows]:
@@ -226,7 +229,8 @@ def main() -> None:
                   for mode in ("fwd", "fwd+bwd")}  # per round: the two ran back to back
         print(f"speed-up (official / ours, per round: median [quartiles] of {args.runs}): forward "
               f"{spread(ratios['fwd'])}x, forward+backward {spread(ratios['fwd+bwd'])}x")
-        print(f"speed-up of the medians: forward {medians['official', 'fwd'] / medians['ours', 'fwd']:.2f}x, forward+backward "
+        print(f"speed-up of the medians: forward {medians['official', 'fwd'] / medians['ours', 'fwd']:.2f}x, "
+              f"forward+backward "
               f"{medians['official', 'fwd+bwd'] / medians['ours', 'fwd+bwd']:.2f}x; memory saved for backward per tick "
               f"{memory['ours'][1] / memory['official'][1]:.2f}x of the official (distinct storages; "
               f"{memory['ours'][0] / memory['official'][0]:.2f}x counting every saved tensor)")
