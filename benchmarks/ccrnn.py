@@ -9,6 +9,7 @@ drawings against the targets) into --out.
 
     python benchmarks/ccrnn.py --config configs/ccrnn/seqdigits.yaml --seeds 0 1 2
     python benchmarks/ccrnn.py --config configs/ccrnn/linedraw.yaml --seeds 0 1 2
+    python benchmarks/ccrnn.py --smoke --out /tmp/ccrnn_smoke   # seconds (CI): seed 0, 1 epoch of 2 batches, in-process
 """
 
 from __future__ import annotations
@@ -129,17 +130,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trainings", nargs="+", default=list(TRAININGS), choices=TRAININGS)
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="processes (0: run in this one)")
     parser.add_argument("--out", default=None, help="default: runs/ccrnn_bench/<config name>")
+    parser.add_argument("--smoke", action="store_true", help="seed 0, one epoch of 2 batches, in this process")
     parser.add_argument("extra", nargs="*", help="more CLI overrides for every run, after --")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.epochs, args.workers = [0], 1, 0
+        args.extra += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                       "--trainer.limit_test_batches", "1"]
     name = Path(args.config).stem
     out = Path(args.out or f"runs/ccrnn_bench/{name}")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.config, t, s, str(out / t / f"seed{s}"), args.epochs, args.extra)
             for s in args.seeds for t in args.trainings]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        results = list(pool.map(run_one, *zip(*jobs)))
+    if args.workers == 0:
+        results = [run_one(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            results = list(pool.map(run_one, *zip(*jobs)))
     summary = summarise(results)
     (out / "summary.json").write_text(json.dumps({"config": args.config, "extra": args.extra, "summary": summary,
                                                   "runs": results}, indent=1) + "\n")

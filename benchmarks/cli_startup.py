@@ -1,6 +1,7 @@
 """Start-up time of the light `biozoo` commands against `python -c "import torch"`.
 
     python benchmarks/cli_startup.py [--repeats 7] [--json out.json]
+    python benchmarks/cli_startup.py --smoke     # each command once, no warm-up round (CI; no figures)
 
 Each command runs in a fresh subprocess (output discarded), the commands interleaved round by round so that load
 on the machine hits them alike; the table gives each one's median wall time and its ratio to the torch import.
@@ -56,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--smoke", action="store_true", help="each command once, no warm-up: checks the code")
     args = parser.parse_args(argv)
     cmds = commands()
-    for argv_ in cmds.values():  # warm the file cache; not timed
+    if args.smoke:
+        args.repeats = 1
+    for argv_ in [] if args.smoke else cmds.values():  # warm the file cache; not timed
         time_once(argv_)
     times: dict[str, list[float]] = {name: [] for name in cmds}
     for _ in range(args.repeats):

@@ -1,6 +1,7 @@
 """Maze generator speed: 10,000 mazes of 39x39 on one core (target: under 30 s).
 
     python benchmarks/ctm_mazes.py [--n 10000] [--size 39]
+    python benchmarks/ctm_mazes.py --smoke      # 50 mazes of 15x15 (CI; no figures)
 
 Prints the wall time, mazes per second, the ratio to the 30 s budget, and as a same-process baseline the time of
 a plain breadth-first solve of each maze (what any route recovery costs) so the generator's cost can be read
@@ -44,7 +45,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10000)
     parser.add_argument("--size", type=int, default=39)
     parser.add_argument("--route-length", type=int, default=100)
+    parser.add_argument("--smoke", action="store_true", help="50 mazes of 15x15, routes of 20: checks the code")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.size, args.route_length = 50, 15, 20
     torch.set_num_threads(1)
     assert FREE == (255, 255, 255)
 

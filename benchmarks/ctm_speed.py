@@ -11,10 +11,15 @@ Configurations (`--config`):
     python benchmarks/ctm_speed.py --official-path /tmp/ctm_official # + the official code (a checkout of
                                                                      #   SakanaAI/continuous-thought-machines)
     python benchmarks/ctm_speed.py --config image --official-path /tmp/ctm_official --runs 7 --skip-adaptive
+    python benchmarks/ctm_speed.py --smoke [--config image]          # seconds: 4 ticks, 1 run (CI; no figures)
+    python benchmarks/ctm_speed.py --official-path /tmp/ctm_official --profile --runs 1 --warmup 0 --skip-adaptive
 
-Prints forward (no_grad) and forward+backward medians, the bytes saved for backward per tick (autograd's
-saved-tensor hooks, T=25 minus T=12, divided by 13), the largest output and gradient differences after loading
-the official weights into ours, and the ratios. Memory per tick is the difference between T and T/2 ticks. Then
+Prints forward (no_grad) and forward+backward medians of the thread's CPU time (a shared machine's other
+processes count as little as possible; the two implementations alternate), the per-round ratios as median
+[quartiles], the bytes saved for backward per tick (autograd's saved-tensor hooks, T minus T/2 ticks, divided by
+T/2), the largest output and gradient differences after loading the official weights into ours, and the ratios.
+`--profile` first prints torch.profiler's operator table per tick for each implementation (the before/after
+tables are in the README's "CTM performance notes"). Memory per tick is the difference between T and T/2 ticks. Then
 the adaptive-compute table of the shipped parity checkpoint.
 The official code is imported from --official-path only; nothing of it is stored in this repository.
 """
@@ -25,6 +30,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,10 +57,23 @@ def batch(config: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
 
 
-def official_model(path: str, config: dict, seed: int):
+def import_official(path: str):
+    """(ContinuousThoughtMachine, image_classification_loss, parity_loss) of the official checkout at `path`, or
+    a one-line SystemExit when `path` does not hold one."""
+    if not (Path(path) / "models" / "ctm.py").is_file() or not (Path(path) / "utils" / "losses.py").is_file():
+        raise SystemExit(f"--official-path {path}: not a checkout of SakanaAI/continuous-thought-machines "
+                         "(models/ctm.py and utils/losses.py are missing)")
     sys.path.insert(0, path)
-    from models.ctm import ContinuousThoughtMachine  # the official package, imported from `path`
-    from utils.losses import image_classification_loss, parity_loss
+    try:
+        from models.ctm import ContinuousThoughtMachine  # the official package, imported from `path`
+        from utils.losses import image_classification_loss, parity_loss
+    except ImportError as e:
+        raise SystemExit(f"--official-path {path}: the official code does not import ({type(e).__name__}: {e})")
+    return ContinuousThoughtMachine, image_classification_loss, parity_loss
+
+
+def official_model(path: str, config: dict, seed: int):
+    ContinuousThoughtMachine, image_classification_loss, parity_loss = import_official(path)
 
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -79,14 +98,47 @@ def timed(fn) -> float:
 
 
 def step(model, loss_fn, x, y, backward: bool) -> float:
-    start = time.perf_counter()
+    """Seconds of this thread's CPU time for one step: with one thread the whole step, backward included, runs in
+    it, so the time other processes hold the (shared) core is not counted."""
+    start = time.thread_time()
     if backward:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
     else:
         with torch.no_grad():
             model(x)
-    return time.perf_counter() - start
+    return time.thread_time() - start
+
+
+def spread(values: list[float]) -> str:
+    """median [lower quartile, upper quartile] (the values themselves when fewer than 4)."""
+    if len(values) < 4:
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+    q = statistics.quantiles(values, n=4)
+    return f"{q[1]:.2f} [{q[0]:.2f}-{q[2]:.2f}]"
+
+
+def profile(models: dict, x: torch.Tensor, y: torch.Tensor, ticks: int, rows: int = 14, repeats: int = 3) -> None:
+    """torch.profiler over `repeats` forward+backward steps of each model: the operators by self CPU time, per
+    tick (total / repeats / ticks), with their share of the step; backward operators are autograd's nodes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name, (model, loss_fn) in models.items():
+        step(model, loss_fn, x, y, True)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                step(model, loss_fn, x, y, True)
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        events.sort(key=lambda e: -e.self_cpu_time_total)
+        print(f"\n{name}: {total / repeats / 1e3:.1f} ms self CPU per forward+backward, "
+              f"{total / repeats / ticks:.0f} us "
+              f"per tick; {sum(e.count for e in events) / repeats / ticks:.0f} operator calls per tick")
+        print(f"  {'operator':<44}{'us/tick':>9}{'share':>7}{'calls/tick':>11}")
+        for e in events[:rows]:
+            print(f"  {e.key[:44]:<44}{e.self_cpu_time_total / repeats / ticks:9.1f}"
+                  f"{100 * e.self_cpu_time_total / total:6.1f}%{e.count / repeats / ticks:11.1f}")
 
 
 def saved_bytes(model, loss_fn, x, y) -> tuple[int, int]:
@@ -121,10 +173,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-adaptive", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="4 ticks, one run, no adaptive table: checks the code")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (per tick)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = CONFIGS[args.config]
+    if args.official_path:
+        import_official(args.official_path)  # a wrong path fails here, in one line
+    if args.smoke:
+        config = {**config, "iterations": 4}
+        args.runs, args.warmup, args.skip_adaptive = 1, 0, True
+        if not args.official_path:
+            print("smoke: the official comparison is skipped (no --official-path)")
     x, y = batch(config, args.seed)
     models = {"ours": our_model(config, args.seed)}
     if args.official_path:
@@ -146,6 +207,8 @@ def main() -> None:
     print(f"parameters: {sum(p.numel() for p in models['ours'][0].parameters()):,}; threads {args.threads}; "
           f"{args.config}: batch {len(x)}, {config['iterations']} ticks, input {tuple(x.shape[1:])}")
 
+    if args.profile:
+        profile(models, x, y, config["iterations"], repeats=1 if args.smoke or args.config == "image" else 3)
     times = {(name, mode): [] for name in models for mode in ("fwd", "fwd+bwd")}
     for i in range(args.warmup + args.runs):  # interleaved, so a busy machine slows both alike
         for name, (model, loss_fn) in models.items():
@@ -162,7 +225,12 @@ def main() -> None:
         print(f"{name:10s} {medians[name, 'fwd']:9.3f}s {medians[name, 'fwd+bwd']:9.3f}s "
               f"{memory[name][0]:9.2f} MiB {memory[name][1]:10.2f} MiB")
     if args.official_path:
-        print(f"speed-up: forward {medians['official', 'fwd'] / medians['ours', 'fwd']:.2f}x, forward+backward "
+        ratios = {mode: [a / b for a, b in zip(times["official", mode], times["ours", mode])]
+                  for mode in ("fwd", "fwd+bwd")}  # per round: the two ran back to back
+        print(f"speed-up (official / ours, per round: median [quartiles] of {args.runs}): forward "
+              f"{spread(ratios['fwd'])}x, forward+backward {spread(ratios['fwd+bwd'])}x")
+        print(f"speed-up of the medians: forward {medians['official', 'fwd'] / medians['ours', 'fwd']:.2f}x, "
+              f"forward+backward "
               f"{medians['official', 'fwd+bwd'] / medians['ours', 'fwd+bwd']:.2f}x; memory saved for backward per tick "
               f"{memory['ours'][1] / memory['official'][1]:.2f}x of the official (distinct storages; "
               f"{memory['ours'][0] / memory['official'][0]:.2f}x counting every saved tensor)")

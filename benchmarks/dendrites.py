@@ -2,6 +2,7 @@
 
     python benchmarks/dendrites.py overhead [--rounds 7]      # ResNet-8 (width 16) and MLP 64-32-32-10
     python benchmarks/dendrites.py accuracy [--seeds 0 1 2] [--monitor val/loss]  # digits; CIFAR-10 when on disk
+    python benchmarks/dendrites.py overhead --smoke    # seconds (CI): MLP, 2 rounds; accuracy --smoke: 1 seed, 1 epoch
 
 overhead: CPU time of one forward+backward step (batch 64, cross-entropy, 1 thread) with 0, 1 and 3 dendrite sets
 on every layer, as a ratio to the unwrapped model timed in the same process (lower quartile over interleaved
@@ -91,10 +92,16 @@ def ours(model: nn.Module, k: int, mode: str = "gd") -> nn.Module:
     return model
 
 
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the model's logits (zoo models return a ModelOutput; a wrapped copy may return a tensor)."""
+    out = model(x)
+    return F.cross_entropy(out if isinstance(out, torch.Tensor) else out.logits, y)
+
+
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     def step():
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss_of(model, x, y).backward()
     return step
 
 
@@ -107,7 +114,7 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_of(model, x, y)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -188,7 +195,7 @@ PAI_SCRIPT = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {bench_dir!r})
-from dendrites import build, time_variants
+from dendrites import build, loss_of, time_variants
 import perforatedai
 from perforatedai import globals_perforatedai as GPA, modules_perforatedai as PA, utils_perforatedai as UPA
 GPA.pc.set_testing_dendrite_capacity(False)
@@ -199,7 +206,7 @@ base, x, y = build({which!r})
 variants = {{"unwrapped": base}}
 for k in (0, 1, 3):
     model = UPA.perforate_model(build({which!r})[0], save_name="PAI", making_graphs=False)
-    torch.nn.functional.cross_entropy(model(x[:2]), y[:2]).backward()  # it learns output sizes from a backward
+    loss_of(model, x[:2], y[:2]).backward()  # it learns output sizes from a backward
     for _ in range(k):
         for m in model.modules():
             if isinstance(m, PA.PAINeuronModule):
@@ -319,6 +326,7 @@ def main() -> None:
     o = sub.add_parser("overhead")
     o.add_argument("--rounds", type=int, default=20)
     o.add_argument("--models", nargs="+", default=["resnet8", "mlp"], choices=["resnet8", "mlp"])
+    o.add_argument("--smoke", action="store_true", help="2 rounds: checks the code, no figures")
     a = sub.add_parser("accuracy")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--data", nargs="+", default=["digits", "cifar10"], choices=["digits", "cifar10"])
@@ -327,9 +335,12 @@ def main() -> None:
     a.add_argument("--baseline-patience", type=int, default=100)
     a.add_argument("--cifar-dir", default="data", help="folder holding cifar-10-batches-py/")
     a.add_argument("--monitor", default="val/acc", choices=["val/acc", "val/loss"])
+    a.add_argument("--smoke", action="store_true", help="digits, seed 0, 1 epoch: checks the code, no figures")
     args = parser.parse_args()
     if args.what == "overhead":
-        overhead(args.rounds, args.models)
+        overhead(2, ["mlp"]) if args.smoke else overhead(args.rounds, args.models)
+    elif args.smoke:
+        accuracy([0], "digits", 1, 1, 1, args.monitor)
     else:
         from biozoo._core import DataNotFoundError
 

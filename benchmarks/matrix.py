@@ -3,6 +3,7 @@
     python benchmarks/matrix.py --steps 200 --out results           # about 40 min on 2 CPU cores
     python benchmarks/matrix.py --steps 20 --tasks digits parity16   # a quick look
     python benchmarks/matrix.py --tasks cartpole acrobot swimmer_ppo swimmer_es --control-steps 20 --merge
+    python benchmarks/matrix.py --smoke --out /tmp/matrix_smoke      # seconds (CI): digits x mlp, lstm, 2 steps
 
 Each pair is `biozoo fit -c configs/tasks/<task>.yaml -c configs/models/<model>.yaml` for `--steps` optimiser
 steps on the task's generated (or shipped) data, shrunk to BUDGET_DATA where the DataModule takes those
@@ -88,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an existing <out>/matrix.csv for the pairs not run now")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 steps on the tests' small data, digits x mlp and lstm unless --tasks/--models")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.val_batches, args.control_steps = 2, 1, 1
+        args.tasks, args.models = args.tasks or ["digits"], args.models or ["mlp", "lstm"]
     tasks = {k: v for k, v in task_configs().items() if args.tasks is None or k in args.tasks}
     models = {k: v for k, v in model_configs().items() if args.models is None or k in args.models}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         for m, mp in models.items():
             reason = check_pair(tp, mp)
             row = PairResult(t, m, "no fit", reason=reason) if reason else \
-                run_pair(tp, mp, args.control_steps if is_control(tp) else args.steps, data=BUDGET_DATA,
+                run_pair(tp, mp, args.control_steps if is_control(tp) else args.steps,
+                         data=None if args.smoke else BUDGET_DATA,
                          val_batches=args.val_batches, extra=CONTROL_EXTRA if is_control(tp) else None)
             rows.append(row)
             if row.status != "no fit":

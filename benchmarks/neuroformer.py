@@ -21,6 +21,9 @@ generation seeds:
   config's few-shot subset for that seed), of a ridge probe on the pretrained model's pooled hidden state, and of
   ridge, Lasso and a Poisson-GLM decoder on the spike counts of the same few-shot windows.
 Writes metrics.json and raster.png under --out.
+
+    python benchmarks/neuroformer.py --smoke --out /tmp/nf_smoke   # seconds (CI): 60 s of simulated data, seed 0,
+                                                                   # 4 windows, 1 s of 1 trial, raw attention
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--behaviour-only", action="store_true", help="only the fine-tuned behaviour decoding")
     parser.add_argument("--connectivity-only", action="store_true", help="only the connectivity readouts")
+    parser.add_argument("--smoke", action="store_true", help="60 s of data, one seed, a few windows: checks the code")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.windows, args.trials, args.readouts, args.connectivity_windows = [0], 4, 1, ["raw"], 2
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,7 @@ def main() -> None:
 
     model = load_pretrained(args.checkpoint)
     results["parameters"] = model.num_parameters()
-    dm = datamodule_from_config(args.config)
+    dm = datamodule_from_config(args.config, **({"duration_s": 60} if args.smoke else {}))
     data, tok = dm.data, dm.tokenizer
     test = dm.windows("test")
     rng = np.random.default_rng(0)
@@ -137,7 +143,7 @@ def main() -> None:
     # rates
     if args.trials > 0:
         a, b = dm.splits["test"]
-        trial_s = data.trial_s or 10.0
+        trial_s = 1.0 if args.smoke else data.trial_s or 10.0  # smoke: one second of one trial
         starts = list(np.arange(a, b - trial_s + 1e-9, trial_s)[:args.trials])
         real = real_trials(data, starts, trial_s)
         real_psth = psth(real, data.n_neurons, trial_s, args.psth_bin)

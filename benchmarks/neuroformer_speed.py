@@ -2,6 +2,7 @@
 
     python benchmarks/neuroformer_speed.py [--threads 2] [--windows 2] [--batch 1 16]
         [--official <official checkout>/neuroformer]
+    python benchmarks/neuroformer_speed.py --smoke    # seconds (CI): sim100 size, one window, batch 1
 
 At the official model's size (n_embd 256, 8 heads, 4 layers per stage, a 300-token past, 100-token windows:
 `neuroformer_official`, about 9.7M parameters) and at the shipped sim100 size, one batch row generates
@@ -163,13 +164,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16],
                         help="rows generated together, one measurement per value (the official code: 1)")
     parser.add_argument("--official", default=None, help="folder with the official neuroformer/*.py modules")
+    parser.add_argument("--smoke", action="store_true", help="sim100 size, one window, batch 1: checks the code")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = {
-        "official size (neuroformer_official)": create_model("neuroformer_official"),
-        "sim100 size": create_model("neuroformer", n_embd=64, n_head=1, dropout=0.1, frame_shape=[3, 16, 16],
-                                    n_behaviour=1),
+        "official size (neuroformer_official)": lambda: create_model("neuroformer_official"),
+        "sim100 size": lambda: create_model("neuroformer", n_embd=64, n_head=1, dropout=0.1, frame_shape=[3, 16, 16],
+                                            n_behaviour=1),
     }
+    if args.smoke:
+        args.windows, args.batch = 1, [1]
+        sizes.pop("official size (neuroformer_official)")
+        if not args.official:
+            print("smoke: the official code is skipped (no --official)")
+    sizes = {name: make() for name, make in sizes.items()}
     if args.official:
         baseline, baseline_cpu, n_params = official_tokens_per_s(args.official)
         print(f"official code (same size, {n_params / 1e6:.2f}M params), its generate_spikes (batch 1) measured now: "

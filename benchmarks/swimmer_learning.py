@@ -6,6 +6,7 @@
     python benchmarks/swimmer_learning.py summary runs/bench/*.json      # or the GPU job's runs.json
     python benchmarks/swimmer_learning.py plot runs/bench/*.json --out swimmer_learning.png
     python benchmarks/swimmer_learning.py all --seeds 0 1 2 --steps 200000 --gym-steps 1000000 --jobs 8 --dir runs/bench
+    python benchmarks/swimmer_learning.py run --smoke --out /tmp/ncap_smoke.json   # seconds (CI): one rollout
 
 run: one PPO training on the 6-link `swim` task through ControlTask, with the hyper-parameters read from
 configs/ncap/swim6_ppo.yaml (ncap) or configs/ncap/swim6_mlp_ppo.yaml (mlp: 64x64 tanh; mlp256: 256x256). Every
@@ -54,7 +55,7 @@ class StopOnSignal:
         signal.signal(signal.SIGUSR2, lambda *_: setattr(Stop, "requested", True))
 
 
-def train(setting: str, seed: int, steps: int, eval_every: int, eval_episodes: int = 5):
+def train(setting: str, seed: int, steps: int, eval_every: int, eval_episodes: int = 5, smoke: bool = False):
     """One run with the hyper-parameters of the setting's config (the same ones `biozoo fit -c` uses)."""
     import torch
     import yaml
@@ -68,6 +69,9 @@ def train(setting: str, seed: int, steps: int, eval_every: int, eval_episodes: i
     if setting == "mlp256":
         task["model"] = "mlp_policy_256"
     data = config["data"]["init_args"]
+    if smoke:  # one short rollout on one env, one evaluation episode
+        data["num_envs"], task["ppo"]["steps_per_env"], eval_episodes = 1, 64, 1
+        steps = eval_every = 64
     rollout = task["ppo"]["steps_per_env"] * data["num_envs"]
     start = time.time()
     fitted = fit_policy(env_id=data["env_id"], seed=seed, env_kwargs=data.get("env_kwargs"), num_envs=data["num_envs"],
@@ -80,13 +84,15 @@ def train(setting: str, seed: int, steps: int, eval_every: int, eval_episodes: i
 def cmd_run(args) -> dict:
     from biozoo.train.control import evaluate, transfer_returns
 
-    task, seconds = train(args.model, args.seed, args.steps, args.eval_every)
+    task, seconds = train(args.model, args.seed, args.steps, args.eval_every, smoke=args.smoke)
+    episodes = 1 if args.smoke else 5
     result = {"kind": "swim", "model": args.model, "seed": args.seed, "steps": task.env_steps, "seconds": seconds,
               "parameters": task.model.num_parameters(), "curve": task.history,
-              "final": evaluate(task.model, "biozoo/Swimmer-v0", 5, seed=20_000, n_links=6)}
+              "final": evaluate(task.model, "biozoo/Swimmer-v0", episodes, seed=20_000, n_links=6)}
     if args.model == "ncap":
-        result["transfer"] = {str(n): r for n, r in transfer_returns(task.model, "biozoo/Swimmer-v0", [3, 6, 9, 12],
-                                                                      episodes=5, seed=10_000).items()}
+        links = [3, 12] if args.smoke else [3, 6, 9, 12]
+        result["transfer"] = {str(n): r for n, r in transfer_returns(task.model, "biozoo/Swimmer-v0", links,
+                                                                      episodes=episodes, seed=10_000).items()}
         result["weights"] = {k: v.flatten().tolist() for k, v in task.model.effective_weights().items()}
     return result
 
@@ -223,6 +229,7 @@ def main() -> None:
         p.add_argument("--out", required=True)
     run.add_argument("--steps", type=int, default=200_000)
     run.add_argument("--eval-every", type=int, default=20_480)
+    run.add_argument("--smoke", action="store_true", help="one rollout of 64 steps, 1-episode evaluations")
     gym.add_argument("--steps", type=int, default=1_000_000)
     gym.add_argument("--eval-every", type=int, default=1_000_000)
     summary = sub.add_parser("summary")

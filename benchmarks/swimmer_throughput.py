@@ -1,6 +1,7 @@
 """Environment throughput of the 6-link swimmer: environment steps per second.
 
     python benchmarks/swimmer_throughput.py [--steps 3000] [--rounds 5] [--dm-control-path DIR]
+    python benchmarks/swimmer_throughput.py --smoke      # seconds (CI): 80 steps, 1 round
 
 Rows (random actions drawn beforehand; 1 thread; median of interleaved rounds):
 - biozoo/Swimmer-v0, one env, the bare SwimmerEnv.step (physics + observation + reward);
@@ -65,7 +66,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dm-control-path", default=None)
+    parser.add_argument("--smoke", action="store_true", help="80 steps, one round: checks the code, no figures")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 80, 1
 
     import gymnasium as gym
     import mujoco

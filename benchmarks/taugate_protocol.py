@@ -2,7 +2,8 @@
 
     python benchmarks/taugate_protocol.py                    # 8x8 digits, offline (~1 h on 2 shared cores)
     python benchmarks/taugate_protocol.py --data mnist       # MNIST 784-256-256-10, files under data/MNIST/raw
-    python benchmarks/taugate_protocol.py --quick            # 2 seeds, few epochs: a smoke run of the pipeline
+    python benchmarks/taugate_protocol.py --quick            # 2 seeds, few epochs: a quick run of the pipeline
+    python benchmarks/taugate_protocol.py --smoke --out /tmp/tg   # seconds (CI): 1 seed, 1 epoch, one lr each
     python benchmarks/taugate_protocol.py --arch transformer --protocols headroom   # digits as 8 rows of 8 pixels
     python benchmarks/taugate_protocol.py --arch ctm --protocols headroom          # the digits CTM, gating its neurons
 
@@ -389,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                              "work over processes, give each a share, then run once more with all (cached)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 3/10 epochs: checks the pipeline only")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 seed, 1 epoch, one learning rate: checks the code")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS or m == "frozen"]
     if unknown:
@@ -396,7 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.seeds, args.headroom_seeds, args.epochs, args.max_epochs, args.foundation_epochs = 2, 2, 3, 10, 10
         args.lrs, args.headroom_lrs = args.lrs[-2:], args.headroom_lrs[-2:]
-    tag = args.data + ("" if args.arch == "mlp" else f"_{args.arch}") + ("_quick" if args.quick else "")
+    if args.smoke:
+        args.seeds, args.headroom_seeds, args.epochs, args.max_epochs, args.foundation_epochs = 1, 1, 1, 1, 1
+        args.lrs, args.headroom_lrs, args.fresh = args.lrs[-1:], args.headroom_lrs[-1:], True
+    tag = (args.data + ("" if args.arch == "mlp" else f"_{args.arch}") + ("_quick" if args.quick else "")
+           + ("_smoke" if args.smoke else ""))
     args.out = args.out or Path("runs/taugate_protocol") / tag
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

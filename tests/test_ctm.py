@@ -344,3 +344,26 @@ def test_a_carried_state_continues_the_thought():
         assert torch.equal(reset[0][0], start[0][0]) and torch.equal(reset[1][1], second.state[1][1])
         again = model(x, state=reset)
     assert torch.allclose(again.predictions[0], first.predictions[0])
+
+
+@pytest.mark.parametrize("synapse_depth", [1, 4])
+def test_gradients_equal_the_reference_equations(synapse_depth):
+    """FusedNLM's hand-written backward and the tick loop's once-per-backward weight gradients (_TickLinear) give
+    every parameter the gradient autograd gives the reference equations."""
+    torch.manual_seed(0)
+    model = biozoo.create_model("ctm", iterations=5, d_model=16, d_input=8, n_synch_out=6, n_synch_action=6,
+                                memory_length=3, memory_hidden_dims=3, synapse_depth=synapse_depth, out_dims=4,
+                                backbone_type="parity_backbone", positional_embedding_type="custom-rotational-1d")
+    with torch.no_grad():  # off zero, where the reference's clamp passes no gradient (the official one does)
+        for decay in (model.decay_params_out, model.decay_params_action):
+            decay.uniform_(0.1, 1.0)
+    x = torch.randint(0, 2, (3, 10)) * 2 - 1
+    grads = []
+    for forward in (model.forward, model.forward_reference):
+        model.zero_grad()
+        out = forward(x)
+        (out.predictions.pow(2).sum() + out.certainties[:, 1].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[1].items():
+        assert torch.allclose(grads[0][name], grad, atol=1e-5, rtol=1e-4), name

@@ -50,6 +50,102 @@ class ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class FusedNLM(torch.autograd.Function):
+    """The deep NLM, SuperLinear(M -> 2H), GLU, SuperLinear(H -> 2), GLU, as one function of the neuron-major trace
+    (D, B, M) -> z (D, B), with its backward written out: two batched matmuls forward, four backward, and only the
+    trace and the two layers' pre-activations saved (autograd would keep every intermediate of the GLUs, and
+    route the gradients through a dozen small operators). Weights: `NeuronLevelModels.fused_weights()`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor) -> torch.Tensor:
+        pre1 = torch.baddbmm(b1, x, w1)  # (D, B, 2H): value | gate
+        half = pre1.size(-1) // 2
+        hidden = pre1[..., :half] * torch.sigmoid(pre1[..., half:])
+        pre2 = torch.baddbmm(b2, hidden, w2)  # (D, B, 2)
+        ctx.save_for_backward(x, w1, w2, pre1, pre2)
+        return pre2[..., 0] * torch.sigmoid(pre2[..., 1])
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, w1, w2, pre1, pre2 = ctx.saved_tensors
+        half = pre1.size(-1) // 2
+        value1, sig1 = pre1[..., :half], torch.sigmoid(pre1[..., half:])
+        hidden = value1 * sig1
+        value2, sig2 = pre2[..., 0], torch.sigmoid(pre2[..., 1])
+        dz = dz.contiguous()  # it arrives transposed from the (B, D) post-activations
+        dvalue2 = dz * sig2
+        dpre2 = torch.stack((dvalue2, dvalue2 * value2 * (1 - sig2)), -1)
+        dhidden = torch.bmm(dpre2, w2.transpose(1, 2))
+        dvalue1 = dhidden * sig1
+        dpre1 = torch.cat((dvalue1, dvalue1 * value1 * (1 - sig1)), -1)
+        return (torch.bmm(dpre1, w1.transpose(1, 2)), torch.bmm(x.transpose(1, 2), dpre1), dpre1.sum(1, True),
+                torch.bmm(hidden.transpose(1, 2), dpre2), dpre2.sum(1, True))
+
+
+class _WeightGradOnce(torch.autograd.Function):
+    """Identity on (weight, bias) whose backward computes their gradient from every (input, output gradient) pair
+    that `_TickLinear` collected: one (T*B)-row matmul per backward instead of a small matmul and an accumulation
+    into .grad per tick. It runs after all the ticks' backward, since every tick's linear map reads its output."""
+
+    @staticmethod
+    def forward(ctx, store: tuple[list, list], weight: torch.Tensor, bias: torch.Tensor):
+        ctx.store = store
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight), bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None):
+        inputs, grads = ctx.store
+        if not grads:
+            return None, grad_weight, grad_bias
+        x, g = torch.cat(inputs), torch.cat(grads)
+        inputs.clear()
+        grads.clear()
+        dw, db = g.t() @ x, g.sum(0)
+        return None, dw if grad_weight is None else dw + grad_weight, db if grad_bias is None else db + grad_bias
+
+
+class _TickLinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) whose backward gives x its gradient and leaves the weight's to `_WeightGradOnce`
+    (it keeps x, saved here as autograd would, and the output gradient for it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, store: tuple[list, list]):
+        ctx.save_for_backward(x, weight)
+        ctx.store = store
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.store[0].append(x)
+        ctx.store[1].append(grad)
+        return grad @ weight if ctx.needs_input_grad[0] else None, None, None, None
+
+
+def tick_linear(layer: nn.Linear):
+    """The Linear `layer` as a function for the tick loop of one forward: its weight gradient is computed once per
+    backward over all ticks (`_WeightGradOnce`). The layer itself where it must be called (dendrites, LoRA, hooks),
+    without gradients, or without a bias."""
+    if must_call(layer) or layer.bias is None or not torch.is_grad_enabled():
+        return layer
+    return deferred_linear(layer.weight, layer.bias)
+
+
+def deferred_linear(weight: torch.Tensor, bias: torch.Tensor):
+    """x -> F.linear(x, weight, bias) for the tick loop, the weight gradient once per backward (`tick_linear`)."""
+    if not torch.is_grad_enabled() or not (weight.requires_grad or bias.requires_grad):
+        return lambda x: F.linear(x, weight, bias)
+    store: tuple[list, list] = ([], [])
+    weight, bias = _WeightGradOnce.apply(store, weight, bias)
+    return lambda x: _TickLinear.apply(x, weight, bias, store)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 class SuperLinear(nn.Module):
     """N private linear maps, one per neuron: out[b, n] = (x[b, n] @ w1[:, :, n] + b1[0, n]) / T.
 
@@ -135,6 +231,17 @@ class NeuronLevelModels(nn.Sequential):
     def neuron_major_weights(self) -> list[tuple[torch.Tensor, ...]]:
         return [layer.glu_weights() for layer in self[0] if isinstance(layer, SuperLinear)]
 
+    def fused_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """(w1 (D, M, 2H), b1 (D, 1, 2H), w2 (D, H, 2), b2 (D, 1, 2)) for `FusedNLM`, the temperatures folded in
+        once per forward; None where it does not apply (shallow or H = 1, LayerNorm or dropout in the NLM)."""
+        layers = [layer for layer in self[0] if isinstance(layer, SuperLinear)]
+        if len(layers) != 2 or layers[0].out_dims < 4 or any(
+                not isinstance(layer.layernorm, nn.Identity) or not isinstance(layer.dropout, nn.Identity)
+                for layer in layers):
+            return None
+        return tuple(t for layer in layers for t in ((layer.w1 / layer.T).permute(2, 0, 1).contiguous(),
+                                                        (layer.b1 / layer.T).transpose(0, 1)))
+
 
 class SynapseUNET(nn.Module):
     """The synapse model at depth > 1 (official `SynapseUNET`): widths linspace(out_dims, minimum_width, depth);
@@ -152,6 +259,27 @@ class SynapseUNET(nn.Module):
                                                      nn.LayerNorm(wide), nn.SiLU()))
             self.skip_lns.append(nn.LayerNorm(wide))
 
+    def per_tick(self):
+        """`forward` for the tick loop of one forward pass: the Linear layers' weight gradients computed once per
+        backward (`tick_linear`). `forward` itself where a sub-module carries hooks."""
+        if has_hooks(self) or any(type(m) is not nn.Sequential for m in (self.first_projection,
+                                                                          *self.down_projections, *self.up_projections)):
+            return self
+        first = tick_linear(self.first_projection[0])
+        downs = [tick_linear(layer[1]) for layer in self.down_projections]
+        ups = [tick_linear(layer[1]) for layer in self.up_projections]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            outs = [self.first_projection[2](self.first_projection[1](first(x)))]
+            for layer, linear in zip(self.down_projections, downs):
+                outs.append(layer[3](layer[2](linear(layer[0](outs[-1])))))
+            out = outs[-1]
+            for level in reversed(range(len(ups))):
+                layer = self.up_projections[level]
+                out = self.skip_lns[level](layer[3](layer[2](ups[level](layer[0](out)))) + outs[level])
+            return out
+        return forward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         downs = [self.first_projection(x)]
         for layer in self.down_projections:
@@ -168,6 +296,19 @@ class SynapseGLU(nn.Sequential):
 
     def __init__(self, in_dims: int, d_model: int, dropout: float = 0.0):
         super().__init__(nn.Dropout(dropout), nn.Linear(in_dims, 2 * d_model), nn.GLU(), nn.LayerNorm(d_model))
+
+    def per_tick(self):
+        """`forward` for the tick loop of one forward pass: the Linear's weight gradient computed once per backward
+        (`tick_linear`). `forward` itself where the Linear must be called or a sub-module carries hooks."""
+        linear = tick_linear(self[1])
+        if linear is self[1] or has_hooks(self):
+            return self
+        half = self[1].out_features // 2
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = linear(self[0](x))
+            return self[3](out[:, :half] * torch.sigmoid(out[:, half:]))
+        return forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[0](x)
@@ -331,6 +472,9 @@ class TruncatedResNet(nn.Module):
         return nn.Sequential(*out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last: the CPU (oneDNN) convolutions run without reordering, and the features come out in the
+        # token layout (B, H*W, C) the attention reads, so flattening them copies nothing
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for stage in range(1, self.stages + 1):
             x = getattr(self, f"layer{stage}")(x)
@@ -590,23 +734,32 @@ def query_projection(q_proj: nn.Linear, attention: nn.MultiheadAttention):
                           f"{type(attention).__name__} (peft LoRA on 'attention'?): adapt q_proj, kv_proj.0, "
                           "synapses.* or output_projector.0 instead")
     if not must_call(q_proj):
-        weight, bias = folded_query(q_proj, attention)
-        return lambda synch: F.linear(synch, weight, bias)
+        return deferred_linear(*folded_query(q_proj, attention))
     E = attention.embed_dim
     scale = math.sqrt(1.0 / (E // attention.num_heads))
     w_q, b_q = attention.in_proj_weight[:E] * scale, attention.in_proj_bias[:E] * scale
     return lambda synch: F.linear(q_proj(synch), w_q, b_q)
 
 
+def out_projection(attention: nn.MultiheadAttention):
+    """The attention's output map for the tick loop (`tick_linear`), or the layer where it must be called."""
+    out_proj = attention.out_proj
+    if type(out_proj) is not nn.modules.linear.NonDynamicallyQuantizableLinear or has_hooks(out_proj) \
+            or not torch.is_grad_enabled():
+        return out_proj
+    return deferred_linear(out_proj.weight, out_proj.bias)
+
+
 def attend_projected(attention: nn.MultiheadAttention, q: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attend` for a query already projected and scaled (B, E)."""
+                     values: torch.Tensor, out_proj=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` for a query already projected and scaled (B, E); `out_proj`: the output map (default the
+    attention's own)."""
     B, E = q.shape
     h = attention.num_heads
     weights = torch.softmax(q.view(B, h, 1, E // h) @ keys, -1)
     if attention.dropout > 0 and attention.training:
         weights = F.dropout(weights, attention.dropout)
-    return attention.out_proj((weights @ values).reshape(B, E)), weights
+    return (out_proj or attention.out_proj)((weights @ values).reshape(B, E)), weights
 
 
-__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "Neurons", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "must_call", "folded_query", "query_projection", "attend_projected"]
+__all__ = ["NEURON_SELECT_TYPES", "HALT_ON", "RESNET_BACKBONES", "BACKBONES", "POSITIONAL_EMBEDDINGS", "Squeeze", "ContiguousGrad", "FusedNLM", "SuperLinear", "NeuronLevelModels", "SynapseUNET", "SynapseGLU", "make_synapses", "synch_representation_size", "sample_synch_neurons", "synch_pairs", "normalised_entropy", "ParityBackbone", "SequenceTokens", "Neurons", "ResNetBasicBlock", "ResNetBottleneck", "RESNET_LAYERS", "TruncatedResNet", "ShallowWide", "make_backbone", "coordinate_grid", "LearnableFourierPositionalEncoding", "MultiLearnableFourierPositionalEncoding", "rotated_unit_vectors", "CustomRotationalEmbedding", "CustomRotationalEmbedding1D", "NoPositionalEmbedding", "make_positional_embedding", "TickedModelBase", "attention_memory", "attend", "must_call", "tick_linear", "deferred_linear", "out_projection", "folded_query", "query_projection", "attend_projected"]

@@ -14,9 +14,9 @@ from biozoo._core import DataSpec, ModelOutput, classes_first
 
 from .._registry import register_model
 from ..errors import BiozooError, check_choice
-from .blocks import (HALT_ON, NEURON_SELECT_TYPES, NeuronLevelModels, Neurons, SynapseOutput, TickedModelBase,
-                     attend, attend_projected, attention_memory, make_synapses, query_projection,
-                     sample_synch_neurons, synch_pairs, synch_representation_size)
+from .blocks import (HALT_ON, NEURON_SELECT_TYPES, FusedNLM, NeuronLevelModels, Neurons, SynapseOutput,
+                     TickedModelBase, attend, attend_projected, attention_memory, make_synapses, out_projection,
+                     query_projection, sample_synch_neurons, synch_pairs, synch_representation_size)
 
 
 # --- The model ---------------------------------------------------------------------------------------------------
@@ -269,10 +269,14 @@ class ContinuousThoughtMachine(TickedModelBase):
             kv, token_shape = self.compute_features(x)
             keys, values = attention_memory(self.attention, kv)
             query = query_projection(self.q_proj, self.attention)
+            out_proj = out_projection(self.attention)
         else:
             inputs = x.flatten(1)
         pair_left, pair_right, r = self._synch_setup()
-        nlm_weights = self.trace_processor.neuron_major_weights()
+        pair_both, n_pairs = torch.cat((pair_left, pair_right)), len(pair_left)
+        synapses = self.synapses.per_tick() if hasattr(self.synapses, "per_tick") else self.synapses
+        nlm_fused = self.trace_processor.fused_weights()  # FusedNLM where it applies
+        nlm_weights = self.trace_processor.neuron_major_weights() if nlm_fused is None else None
         if state is None:
             z = self.start_activated_state.unsqueeze(0).expand(B, D)
             trace = self.start_trace.unsqueeze(1).expand(D, B, self.memory_length)  # neuron-major (D, B, M)
@@ -296,14 +300,17 @@ class ContinuousThoughtMachine(TickedModelBase):
             if self.heads:
                 if track:
                     recorder.record("synch_action", t, rows, synch_action)
-                features, attn_weights = attend_projected(self.attention, query(synch_action), keys,
-                                                          values)
+                features, attn_weights = attend_projected(self.attention, query(synch_action), keys, values,
+                                                          out_proj)
             else:
                 features = inputs
-            pre = self.synapse_output(self.synapses(torch.cat((features, z), -1)))
+            pre = self.synapse_output(synapses(torch.cat((features, z), -1)))
             trace = torch.cat((trace[:, :, 1:], pre.t().unsqueeze(-1)), -1)
-            z = self.neurons(self.trace_processor.forward_neuron_major(trace, nlm_weights).t())
-            alpha = r * alpha + z[:, pair_left] * z[:, pair_right]
+            z = FusedNLM.apply(trace, *nlm_fused) if nlm_fused is not None else \
+                self.trace_processor.forward_neuron_major(trace, nlm_weights)
+            z = self.neurons(z.t())
+            pairs = z.index_select(1, pair_both)  # one gather (and one index_add backward) for both sides
+            alpha = r * alpha + pairs[:, :n_pairs] * pairs[:, n_pairs:]
             beta = r * beta + 1
             synch = alpha / torch.sqrt(beta)
             synch_out, synch_action = synch[:, :S_out], synch[:, S_out:]
