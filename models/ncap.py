@@ -144,6 +144,15 @@ class NCAP(PretrainedMixin, nn.Module):
                 for name, p in self.named_parameters()}
 
     def forward(self, obs: torch.Tensor, timestep: torch.Tensor | None = None) -> ModelOutput:
+        b_d, b_v = self.bneurons(obs, timestep)
+        ipsi_d, ipsi_v = self.sides(self.excitatory(self.muscle_ipsi))
+        contra_d, contra_v = self.sides(self.inhibitory(self.muscle_contra))
+        m_d = graded(b_d * ipsi_d + b_v * contra_d)
+        m_v = graded(b_v * ipsi_v + b_d * contra_v)
+        return ModelOutput(m_d - m_v)
+
+    def bneurons(self, obs: torch.Tensor, timestep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dorsal and ventral B-neuron activities, (B, J) each."""
         j, start, c = self.n_joints, self.joint_offset, self.n_controls
         controls = f", the {c} controls after them" if c else ""
         check_shape("ncap", obs, f"(B, D) with D >= {start + j + c + 1}: joint angles at [{start}:{start + j}]"
@@ -166,12 +175,7 @@ class NCAP(PretrainedMixin, nn.Module):
         b_d, b_v = torch.cat([head_d, body_d], 1), torch.cat([head_v, body_v], 1)
         if c:
             b_d, b_v = self.add_controls(obs[:, start + j:start + j + c], b_d, b_v)
-        b_d, b_v = graded(b_d), graded(b_v)
-        ipsi_d, ipsi_v = self.sides(self.excitatory(self.muscle_ipsi))
-        contra_d, contra_v = self.sides(self.inhibitory(self.muscle_contra))
-        m_d = graded(b_d * ipsi_d + b_v * contra_d)
-        m_v = graded(b_v * ipsi_v + b_d * contra_v)
-        return ModelOutput(m_d - m_v)
+        return graded(b_d), graded(b_v)
 
     def add_controls(self, controls: torch.Tensor, b_d: torch.Tensor, b_v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +217,11 @@ def ncap_unshared(n_links: int = 6, oscillator_period: int = 60, joint_offset: i
     return NCAP(n_links, oscillator_period, weight_sharing=False, joint_offset=joint_offset)
 
 
+# learned navigator starts: (weight, bias) of Linear(2, 3): (x, |y|) -> (right, left, speed); "official" = torch's
+TASK_INITS = {"official": None, "neutral": ([[0.0, 0.0]] * 3, [0.0, 0.0, 1.0]),
+              "hardcoded": ([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]], [-0.5, -0.5, -0.7])}
+
+
 @register_model(name="ncap_navigator")
 class NCAPNavigator(PretrainedMixin, nn.Module):
     """NCAP with its turn and speed units driven by the target (the official `SwimmerPolicy(use_task=...)`).
@@ -224,8 +233,10 @@ class NCAPNavigator(PretrainedMixin, nn.Module):
       (0.1 and 0.12 m, the official values): turn toward the target, stop once it is just ahead or behind;
     - task "learned": (right, left, speed) = Linear(2, 3)(x, |y|). `task_init="official"` keeps torch's default
       init (the official code); "neutral" starts at zero weights and biases (0, 0, 1): no turning, full speed,
-      i.e. the plain swimming circuit.
-    The circuit is `ncap` with turn_control and speed_control (6 shared weights).
+      i.e. the plain swimming circuit; "hardcoded" starts at a clipped-linear copy of the fixed mapping:
+      right = 10 x - 0.5, left = -10 x - 0.5, speed = 10 |y| - 0.7 (each clipped to [0, 1] by the circuit).
+    The circuit is `ncap` with turn_control and speed_control (6 shared weights); `train_circuit=False` freezes
+    it (requires_grad off), so training changes the navigation mapping only.
     """
 
     reads = ("observation",)
@@ -238,23 +249,24 @@ class NCAPNavigator(PretrainedMixin, nn.Module):
     def __init__(self, n_links: int = 6, task: str = "hardcoded", n_turn_joints: int = 1,
                  turn_sensor_range: float = 0.1, speed_sensor_range: float = 0.12, task_init: str = "official",
                  oscillator_period: int = 60, weight_sharing: bool = True, sign_constraints: bool = True,
-                 constant_init: bool = True, joint_offset: int = 0):
+                 constant_init: bool = True, joint_offset: int = 0, train_circuit: bool = True):
         super().__init__()
         if task not in ("hardcoded", "learned"):
             raise BiozooError(f"ncap_navigator task must be 'hardcoded' or 'learned', got {task!r}")
-        if task_init not in ("official", "neutral"):
-            raise BiozooError(f"ncap_navigator task_init must be 'official' or 'neutral', got {task_init!r}")
+        if task_init not in TASK_INITS:
+            raise BiozooError(f"ncap_navigator task_init must be one of {', '.join(TASK_INITS)}, got {task_init!r}")
         self.task, self.joint_offset = task, joint_offset
         self.turn_sensor_range, self.speed_sensor_range = turn_sensor_range, speed_sensor_range
         self.circuit = NCAP(n_links, oscillator_period, weight_sharing, sign_constraints, constant_init,
                             turn_control=True, speed_control=True, n_turn_joints=n_turn_joints)
+        self.circuit.requires_grad_(train_circuit)
         self.n_links, self.n_joints = n_links, n_links - 1
         if task == "learned":
             self.task_module = nn.Linear(2, 3)  # (x, |y|) -> (right, left, speed)
-            if task_init == "neutral":
+            if task_init != "official":
                 with torch.no_grad():
-                    self.task_module.weight.zero_()
-                    self.task_module.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+                    self.task_module.weight.copy_(torch.tensor(TASK_INITS[task_init][0]))
+                    self.task_module.bias.copy_(torch.tensor(TASK_INITS[task_init][1]))
 
     def controls(self, to_target: torch.Tensor) -> torch.Tensor:
         """(B, 2) target in the head frame -> (B, 3) right, left, speed."""
@@ -267,9 +279,13 @@ class NCAPNavigator(PretrainedMixin, nn.Module):
     def effective_weights(self) -> dict[str, torch.Tensor]:
         return self.circuit.effective_weights()
 
-    def forward(self, obs: torch.Tensor) -> ModelOutput:
+    def circuit_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        """The circuit's input: [joint angles, right, left, speed, t / 1000]."""
         j, start = self.n_joints, self.joint_offset
         check_shape("ncap_navigator", obs, f"(B, D) with D >= {start + j + 3}: joint angles at [{start}:{start + j}], "
                     "to_target after them and the normalised time last", obs.dim() == 2 and obs.shape[1] >= start + j + 3)
         joints, to_target = obs[:, start:start + j], obs[:, start + j:start + j + 2]
-        return self.circuit(torch.cat([joints, self.controls(to_target), obs[:, -1:]], 1))
+        return torch.cat([joints, self.controls(to_target), obs[:, -1:]], 1)
+
+    def forward(self, obs: torch.Tensor) -> ModelOutput:
+        return self.circuit(self.circuit_obs(obs))

@@ -83,6 +83,11 @@ def test_navigator_controls_and_hardcoded_beats_plain_swimming():
     learned = create_model("ncap_navigator", n_links=4, task="learned", task_init="neutral")
     assert learned.controls(torch.randn(5, 2)).tolist() == [[0, 0, 1]] * 5  # neutral = plain swimming
     assert learned.num_parameters() == 6 + 9
+    frozen = create_model("ncap_navigator", n_links=4, task="learned", train_circuit=False)
+    assert frozen.num_parameters(trainable_only=True) == 9  # only the Linear(2, 3) mapping trains
+    start = create_model("ncap_navigator", n_links=4, task="learned", task_init="hardcoded")
+    to_target = torch.tensor([[-0.5, -1.0], [0.5, 0.05], [0.0, 0.0]])
+    assert start.controls(to_target).clamp(0, 1).tolist() == controls.tolist()  # the clipped-linear copy
     with pytest.raises(BiozooError, match="hardcoded"):
         create_model("ncap_navigator", task="steer")
     kw = dict(episodes=4, seed=20000, n_links=6)
