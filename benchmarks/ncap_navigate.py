@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import biozoo.envs  # noqa: F401
 import numpy as np
 import torch
-
-import biozoo.envs  # noqa: F401
 from biozoo.envs.control import env_spec, make_env
 from biozoo.models import create_model, load_pretrained
 from biozoo.train.policy import as_policy, to_env, to_tensor
@@ -95,16 +94,16 @@ def main() -> None:
                      "coactive": coact, "weights": weights})
         paths[name] = eps[:args.plot_episodes]
         print(json.dumps(rows[-1]), flush=True)
-    lines = [f"NCAP navigation, biozoo/SwimmerNavigate-v0 (6 links), {args.episodes} episodes (reset seeds "
-             f"{args.seed}..{args.seed + args.episodes - 1}), greedy actions; return of 1000.", "",
+    lines = [(f"NCAP navigation, biozoo/SwimmerNavigate-v0 (6 links), {args.episodes} episodes (reset seeds "
+              f"{args.seed}..{args.seed + args.episodes - 1}), greedy actions; return of 1000."), "",
              "| policy | return (mean ± s.e.m.) | median | reached the target | B-neuron co-activation |",
              "|---|---|---|---|---|"]
     for r in rows:
         co = "-" if np.isnan(r["coactive"]) else f"{100 * r['coactive']:.1f}%"
         lines.append(f"| {r['policy']} | {r['return']:.1f} ± {r['sem']:.1f} | {r['median']:.1f} | "
                      f"{100 * r['reached']:.0f}% | {co} |")
-    lines += ["", "Co-activation: share of active (step, joint) B-neuron pairs where dorsal and ventral fire together "
-              "(only then does muscle_contra change a torque).", "",
+    lines += ["", ("Co-activation: share of active (step, joint) B-neuron pairs where dorsal and ventral fire "
+                   "together (only then does muscle_contra change a torque)."), "",
               "Effective weights: " + "; ".join(f"{r['policy']}: {r['weights']}" for r in rows if r["weights"])]
     text = "\n".join(lines) + "\n"
     print(text)

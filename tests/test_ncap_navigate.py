@@ -3,20 +3,18 @@ navigator; and two swimmer-harness checks (non-finite actions, the video when Op
 
 import math
 
+import biozoo.envs  # noqa: F401  (registers the env ids)
 import gymnasium as gym
 import mujoco
 import numpy as np
 import pytest
 import torch
-from gymnasium.utils.env_checker import check_env
-
-import biozoo.envs  # noqa: F401  (registers the env ids)
 from biozoo.envs.swimmer import SwimmerEnv, reach_reward
 from biozoo.models import BiozooError, create_model, list_pretrained
 from biozoo.train.control import render_error
 from biozoo.train.policy import evaluate
-
 from conftest import run_biozoo
+from gymnasium.utils.env_checker import check_env
 
 
 def test_control_units_api_and_observation_layout():
@@ -90,7 +88,7 @@ def test_navigator_controls_and_hardcoded_beats_plain_swimming():
     assert start.controls(to_target).clamp(0, 1).tolist() == controls.tolist()  # the clipped-linear copy
     with pytest.raises(BiozooError, match="hardcoded"):
         create_model("ncap_navigator", task="steer")
-    kw = dict(episodes=4, seed=20000, n_links=6)
+    kw = {"episodes": 4, "seed": 20000, "n_links": 6}
     plain = np.mean(evaluate(create_model("ncap", n_links=6), "biozoo/SwimmerNavigate-v0", **kw))
     hard = np.mean(evaluate(create_model("ncap_navigator", n_links=6), "biozoo/SwimmerNavigate-v0", **kw))
     assert hard > 2 * plain + 50, (hard, plain)

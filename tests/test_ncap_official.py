@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from biozoo.models import create_model
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "ncap_official" / "ncap_official.json").read_text())
