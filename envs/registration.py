@@ -16,6 +16,8 @@ import gymnasium as gym
 ENVS: dict[str, dict[str, Any]] = {
     "biozoo/Swimmer-v0": {"entry_point": "biozoo.envs.swimmer:SwimmerEnv", "max_episode_steps": 1000,
                           "kwargs": {"n_links": 6, "task": "swim"}},
+    "biozoo/SwimmerNavigate-v0": {"entry_point": "biozoo.envs.swimmer:SwimmerEnv", "max_episode_steps": 1000,
+                                  "kwargs": {"n_links": 6, "task": "navigate"}},
     "biozoo/CartPoleMasked-v1": {"entry_point": "biozoo.envs.classic:make_masked", "max_episode_steps": 200,
                                  "kwargs": {"base": "CartPole-v1"}},
     "biozoo/AcrobotMasked-v1": {"entry_point": "biozoo.envs.classic:make_masked", "max_episode_steps": 500,

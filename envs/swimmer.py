@@ -17,6 +17,15 @@ Observation: the J = n_links - 1 joint angles, then the body velocities (vx, vy,
 first; 3 * n_links values) -- 23 values for 6 links. The NCAP oscillator's clock is appended by the harness
 (gymnasium's `TimeAwareObservation`), as Tonic's TimeFeature did for the official PPO runs.
 
+Task `navigate` (dm_control's own `swimmer` task; biozoo/SwimmerNavigate-v0): a target sphere of radius 0.1 m
+is dropped uniformly in [-2, 2]^2 (with probability 0.2 in [-0.3, 0.3]^2, a close target); the observation is
+the joint angles, `to_target` (target minus nose, in the head frame: x, y) and the body velocities -- 25 values
+for 6 links -- and the reward is dm_control's tolerance(nose-target distance, bounds=(0, 0.1), margin=0.5,
+sigmoid='long_tail'): 1 inside the target, 1 / (1 + (9 * (d - 0.1) / 0.5)^2) outside (0.1 at 0.5 m beyond it).
+Differences from dm_control's task: the target is drawn with the env's numpy Generator after the joints and
+heading (dm_control uses its own RandomState, so the same seed gives other episodes); the target's light and
+the frame sensors are left out (the observation computes `to_target` from geom positions, as dm_control does).
+
 Differences from dm_control: the target geom and the frame sensors that only the target task reads are left
 out (they do not touch the dynamics); the rendering assets are our own. Each control step runs
 `mj_step` 15 times then `mj_step1`, so sensors describe the state after the step, as dm_control's legacy step does.
@@ -48,12 +57,14 @@ from biozoo._core import BiozooError, first_line
 PHYSICS_DT = 0.002
 CONTROL_DT = 0.03
 EPISODE_STEPS = 1000  # 30 s
-TASKS = ("swim",)
+TASKS = ("swim", "navigate")
 SWIM_SPEED = 0.1  # m/s at which the swim reward saturates
+TARGET_SIZE = 0.1  # radius of dm_control's target sphere (m)
+TARGET_BOX, CLOSE_BOX, P_CLOSE = 2.0, 0.3, 0.2  # target x, y ~ U(-box, box); the close box with probability 0.2
 
 
-def swimmer_xml(n_links: int) -> str:
-    """MJCF of an `n_links`-body swimmer with the dm_control swimmer's physics."""
+def swimmer_xml(n_links: int, target: bool = False) -> str:
+    """MJCF of an `n_links`-body swimmer with the dm_control swimmer's physics (and the target sphere)."""
     limit = 360.0 / n_links
     scale = n_links / 6.0  # tracking camera moves back with body length
     segments, close, actuators, sensors = [], [], [], []
@@ -69,6 +80,8 @@ def swimmer_xml(n_links: int) -> str:
         sensors.append(f'    <velocimeter name="velocimeter_{i}" site="site_{i}"/>\n'
                        f'    <gyro name="gyro_{i}" site="site_{i}"/>')
     nl = "\n"
+    target_geom = (f'\n    <geom name="target" type="sphere" pos="1 1 .05" size="{TARGET_SIZE}" rgba=".6 .3 .3 1"/>'
+                   if target else "")
     return f"""<mujoco model="swimmer{n_links}">
   <compiler angle="degree"/>
   <option timestep="{PHYSICS_DT}" density="3000">
@@ -118,7 +131,7 @@ def swimmer_xml(n_links: int) -> str:
       <geom name="inertial" class="inertial"/>
       <geom name="visual" class="visual"/>
       <site name="head"/>{"".join(segments)}{"".join(close)}
-    </body>
+    </body>{target_geom}
   </worldbody>
   <actuator>
 {nl.join(actuators)}
@@ -175,8 +188,18 @@ def gl_error(error: BaseException | None = None) -> BiozooError:
     return BiozooError(f"rendering needs OpenGL, which failed here ({first_line(error, with_type=True)}); {how}")
 
 
+def reach_reward(distance: float) -> float:
+    """dm_control's rewards.tolerance(distance, bounds=(0, TARGET_SIZE), margin=5 * TARGET_SIZE,
+    sigmoid='long_tail', value_at_margin=0.1)."""
+    if distance <= TARGET_SIZE:
+        return 1.0
+    scaled = (distance - TARGET_SIZE) / (5 * TARGET_SIZE) * math.sqrt(1 / 0.1 - 1)
+    return 1.0 / (scaled * scaled + 1.0)
+
+
 class SwimmerEnv(gym.Env):
-    """The dm_control N-link swimmer with NCAP's `swim` task, as a gymnasium environment (see module docstring)."""
+    """The dm_control N-link swimmer with NCAP's `swim` task or dm_control's target task `navigate`, as a
+    gymnasium environment (see module docstring)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": round(1 / CONTROL_DT)}
 
@@ -191,13 +214,13 @@ class SwimmerEnv(gym.Env):
         self.n_links, self.n_joints, self.task = n_links, n_links - 1, task
         self.joint_limit = 2 * math.pi / n_links
         mujoco = load_mujoco()
-        self.model = mujoco.MjModel.from_xml_string(swimmer_xml(n_links))
+        self.model = mujoco.MjModel.from_xml_string(swimmer_xml(n_links, target=task == "navigate"))
         self.data = mujoco.MjData(self.model)
         self.n_substeps = round(CONTROL_DT / PHYSICS_DT)
         self.dt = CONTROL_DT
         self.render_mode, self.width, self.height = render_mode, width, height
         self._renderer: Any = None
-        obs_dim = self.n_joints + 3 * n_links
+        obs_dim = self.n_joints + 3 * n_links + 2 * (task == "navigate")
         self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
         self.action_space = spaces.Box(-1.0, 1.0, (self.n_joints,), np.float32)
 
@@ -215,10 +238,19 @@ class SwimmerEnv(gym.Env):
     def forward_speed(self) -> float:
         return float(-self.data.sensordata[1])  # head_vel y; the nose points along -y
 
+    def to_target(self) -> np.ndarray:
+        """Target minus nose in the head frame (x, y), as dm_control's `nose_to_target`."""
+        delta = self.data.geom("target").xpos - self.data.geom("nose").xpos
+        return delta @ self.data.body("head").xmat.reshape(3, 3)[:, :2]
+
     def _obs(self) -> np.ndarray:
+        if self.task == "navigate":
+            return np.concatenate([self.joint_angles(), self.to_target(), self.body_velocities()])
         return np.concatenate([self.joint_angles(), self.body_velocities()])
 
     def _reward(self) -> float:
+        if self.task == "navigate":
+            return reach_reward(float(np.linalg.norm(self.to_target())))
         return float(np.clip(self.forward_speed() / SWIM_SPEED, 0.0, 1.0))
 
     # gymnasium API -------------------------------------------------------------------------------------------
@@ -229,16 +261,24 @@ class SwimmerEnv(gym.Env):
         rng = self.np_random
         self.data.qpos[2] = rng.uniform(-math.pi, math.pi)
         self.data.qpos[3:] = rng.uniform(-self.joint_limit, self.joint_limit, self.n_joints)
+        if self.task == "navigate":
+            box = CLOSE_BOX if rng.random() < P_CLOSE else TARGET_BOX
+            self.model.geom("target").pos[:2] = rng.uniform(-box, box, 2)
         mujoco.mj_forward(self.model, self.data)
         return self._obs(), {}
 
     def step(self, action: np.ndarray):
+        if not np.all(np.isfinite(action)):
+            raise BiozooError(f"swimmer actions must be finite, got {np.asarray(action).tolist()}")
         self.data.ctrl[:] = np.clip(action, -1.0, 1.0)
         mujoco = load_mujoco()
         mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
         mujoco.mj_step1(self.model, self.data)  # sensors and positions of the new state
         reward = self._reward()
-        return self._obs(), reward, False, False, {"forward_speed": self.forward_speed()}
+        info = {"forward_speed": self.forward_speed()}
+        if self.task == "navigate":
+            info["target_distance"] = float(np.linalg.norm(self.to_target()))
+        return self._obs(), reward, False, False, info
 
     def render(self) -> np.ndarray | None:
         if self.render_mode is None:

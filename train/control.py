@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import biozoo.envs  # noqa: F401  (registers the biozoo/ env ids)
-from biozoo._core import BiozooError, SpecError, check_choice
+from biozoo._core import BiozooError, SpecError, check_choice, first_line
 from biozoo.envs.control import EnvDataModule, env_spec, make_env
 from biozoo.models.ncap import transfer_to
 
@@ -79,6 +79,21 @@ def rollout(policy: nn.Module, env_id: str, seed: int = 0, render: bool = False,
     dt = getattr(env.unwrapped, "dt", 0.02)
     return {"joints": np.array(joints), "head": np.array(head), "rewards": np.array(rewards), "frames": frames,
             "dt": dt, "return": float(np.sum(rewards))}
+
+
+def render_error(env_id: str, time_feature: bool | None = None, **env_kwargs: Any) -> str | None:
+    """None when the env renders a frame, otherwise why not in one line (MuJoCo without OpenGL raises
+    mujoco.FatalError from gymnasium's envs, a BiozooError from biozoo's)."""
+    try:
+        env = make_env(env_id, time_feature, render_mode="rgb_array", **env_kwargs)
+        try:
+            env.reset(seed=0)
+            env.render()
+        finally:
+            env.close()
+    except Exception as e:  # noqa: BLE001  (any GL failure means: no video)
+        return first_line(e, with_type=True)
+    return None
 
 
 def plot_rollout(traj: dict[str, Any], out: str | Path, title: str = "", seconds: float = 9.0) -> Path:
@@ -176,6 +191,7 @@ class ControlTask(BiozooTask):
         self.history: list[tuple[int, float]] = []  # (env steps, val/return) after each validation
         self.runner: PPO | None = None
         self.envs = None
+        self.video_error: str | None = None  # why the report will have no video, found before training
         self.started = time.perf_counter()
 
     # setup ------------------------------------------------------------------------------------------------------
@@ -246,6 +262,10 @@ class ControlTask(BiozooTask):
         else:
             self.envs = dm.make_vec(normalize_reward=cfg.normalize_reward, gamma=cfg.gamma)
             self.runner = PPO(self.policy, self.envs, cfg, seed=dm.seed)
+        if self.hparams.report and self.hparams.video and "n_links" in self.policy.spec.extras:
+            self.video_error = render_error(dm.env_id, dm.time_feature, **dm.env_kwargs)
+            if self.video_error:
+                print(f"biozoo: the report will have no video ({self.video_error})")
         self.started = time.perf_counter()
 
     def on_fit_end(self) -> None:
@@ -324,7 +344,8 @@ class ControlTask(BiozooTask):
         kwargs = dict(seed=dm.seed + 10_000, time_feature=dm.time_feature, **dm.env_kwargs)
         swimmer = "n_links" in self.policy.spec.extras
         try:
-            traj = rollout(self.policy, dm.env_id, render=self.hparams.video and swimmer, **kwargs)
+            traj = rollout(self.policy, dm.env_id, render=self.hparams.video and swimmer and not self.video_error,
+                           **kwargs)
         except BiozooError as e:  # no OpenGL: plots only
             print(f"biozoo: no video ({e})")
             traj = rollout(self.policy, dm.env_id, **kwargs)
