@@ -33,6 +33,7 @@ commands:
   export RUN_CKPT OUT_DIR           a Lightning .ckpt -> config.json + model.safetensors
   convert FORMAT SRC OUT_DIR        a foreign checkpoint (e.g. an official CTM one) -> the same format
   matrix [--run --steps N]          which task x model config pairs fit (and a short run of each that does)
+  profile -c TASK -c MODEL          what a model costs on a task's data: parameters, MACs, ticks, sparsity, time
 
 Help on one command: biozoo fit --help, biozoo convert --help, ...
 Errors print one line; BIOZOO_DEBUG=1 (or --debug) shows the traceback."""
@@ -188,7 +189,13 @@ def _matrix(argv: list[str]) -> int:
     return matrix_main(argv)
 
 
-COMMANDS = {"list": _list, "export": _export, "convert": _convert, "matrix": _matrix}
+def _profile(argv: list[str]) -> int:
+    from biozoo.train.profile import main as profile_main
+
+    return profile_main(argv)
+
+
+COMMANDS = {"list": _list, "export": _export, "convert": _convert, "matrix": _matrix, "profile": _profile}
 
 
 def _one_line(error: BaseException) -> str:
