@@ -82,3 +82,26 @@ def test_fit_logs_decision_accuracy(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert "val/acc_decision" in metrics and "val/acc" in metrics
     assert float(metrics["val/acc_decision"]) != float(metrics["val/acc"])
+
+
+def spec_only_module(has_spec: bool):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class UserData(L.LightningDataModule):
+        if has_spec:
+            spec = DataSpec("sequence", (6, 3), "classes", num_classes=2, positions=(6,), online=True)
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(8, 6, 3), torch.randint(0, 2, (8, 6))), batch_size=4)
+
+    return UserData()
+
+
+def test_the_cli_links_a_datamodule_through_its_spec_only():
+    from biozoo.envs.datamodules import linked_dims
+
+    dims = linked_dims(spec_only_module(True))
+    assert dims["spec"]["online"] is True and dims["input_size"] == 3
+    with pytest.raises(BiozooError, match="has no `.spec`"):
+        linked_dims(spec_only_module(False))

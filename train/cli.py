@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from biozoo._core import BiozooError, CheckpointError, first_line
+from biozoo.envs.datamodules import linked_dims
 
 from .callbacks import ExceptionCheckpoint, LearningCurvePlot, RestoreBest, RunCheckpoint
 from .runs import (RESUME_ENV, RUN_DIR_ENV, AtomicCheckpointIO, distributed_run_dir, reserve_run_dir,
@@ -74,7 +75,8 @@ class BiozooCLI(LightningCLI):
         parser.add_lightning_class_args(LearningCurvePlot, "curve")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.link_arguments("data.dims", "model.init_args.data_dims", apply_on="instantiate")
+        # the DataModule's `.spec` is the one contract linked (envs.datamodules.linked_dims)
+        parser.link_arguments("data", "model.init_args.data_dims", compute_fn=linked_dims, apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         # resolve `last` and check the file before Lightning reads the checkpoint's hyper-parameters from it
