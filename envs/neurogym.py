@@ -102,6 +102,10 @@ class NeuroGymDataModule(BiozooDataModule):
             if not isinstance(env.action_space, gym.spaces.Discrete):
                 raise BiozooError(f"NeuroGym task {self.task!r} has {type(env.action_space).__name__} actions; "
                                   "NeuroGymDataModule takes tasks with discrete actions")
+            env.new_trial()
+            if getattr(env, "gt", None) is None or getattr(env, "ob", None) is None:
+                raise BiozooError(f"NeuroGym task {self.task!r} gives no per-step targets (an RL-only task): train it "
+                                  f"as an env, gymnasium.make('biozoo/NeuroGym-v0', task={self.task!r})")
             features = int(np.prod(env.observation_space.shape))
             self._spec = DataSpec("sequence", (self.seq_len, features), "classes",
                                   num_classes=int(env.action_space.n), positions=(self.seq_len,), online=True,
