@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 if (old["task"], old["model"]) not in done:
                     rows.append(PairResult(old["task"], old["model"], old["status"], float(old["seconds"]),
                                            float(old["final_train_loss"]), old["metric"], float(old["value"]),
-                                           old["reason"]))
+                                           old["reason"], parameters=int(old.get("parameters") or 0),
+                                           macs=float(old.get("macs_per_sample") or "nan")))
         every = task_configs()
         tasks = {t: every[t] for t in sorted({r.task for r in rows}) if t in every}
         models = {m: p for m, p in model_configs().items() if any(r.model == m for r in rows)}
@@ -127,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: order.get((r.task, r.model), len(order)))
     with open(args.out / "matrix.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["task", "model", "status", "seconds", "final_train_loss", "metric", "value", "reason"])
+        writer.writerow(["task", "model", "status", "seconds", "final_train_loss", "metric", "value", "reason",
+                         "parameters", "macs_per_sample"])
         for r in rows:
             writer.writerow([r.task, r.model, r.status, f"{r.seconds:.2f}", f"{r.loss:.5f}", r.metric,
-                             f"{r.value:.5f}", r.reason])
+                             f"{r.value:.5f}", r.reason, r.parameters, f"{r.macs:.6g}"])
     names = [m for m in models if any(r.model == m and r.status != "no fit" for r in rows)]
     lines = ["| task (metric) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for t in tasks:
@@ -142,9 +144,18 @@ def main(argv: list[str] | None = None) -> int:
                          {"no fit": "-", "no data": "no data"}.get(r.status, r.status))
         lines.append(f"| {t} ({metric.split('/')[-1] or '-'}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
+    cost = ["| task: parameters / MACs per sample | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in tasks:
+        cells = []
+        for m in names:
+            r = next(r for r in rows if r.task == t and r.model == m)
+            cells.append(f"{r.parameters / 1e3:.1f}k / {r.macs:.3g}" if r.parameters and math.isfinite(r.macs)
+                         else "-")
+        cost.append(f"| {t} | " + " | ".join(cells) + " |")
     (args.out / "matrix.md").write_text(f"{args.steps} steps per pair, validated on {args.val_batches} batches; control "
                                         f"tasks: {args.control_steps} rollouts or generations, 10 greedy episodes.\n\n"
-                                        + table + "\n")
+                                        + table + "\n\nCost (`biozoo.train.profile`: parameters, multiply-accumulates "
+                                        "per sample counted by torch's FLOP counter):\n\n" + "\n".join(cost) + "\n")
     heatmap(rows, list(tasks), names, args.out / "matrix.png")
     print(table)
     fits = [r for r in rows if r.status != "no fit"]

@@ -99,6 +99,9 @@ class DataSpec:
         (`target_dim` in [action_low, action_high]) or next_token.
     time_axis: the input axis that is time, if any (0 for sequences). `extras`: task-specific builder arguments
         (a QA-MNIST's ticks per digit, a swimmer's links, a spike tokeniser's vocabularies).
+    online: the answer at step t must come from input steps <= t (NeuroGym's trials: an agent sees step t before it
+        answers at t); a model that cannot be causal refuses such a task when linked. Offline tasks (CTM parity)
+        may read the whole sequence.
     """
 
     input: str
@@ -111,6 +114,7 @@ class DataSpec:
     action_high: float | None = None
     time_axis: int | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    online: bool = False
 
     def __post_init__(self) -> None:
         check_choice("input kind", self.input, INPUT_KINDS)
@@ -119,6 +123,8 @@ class DataSpec:
         object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
         if self.input == "sequence" and self.time_axis is None:
             object.__setattr__(self, "time_axis", 0)
+        if self.online and (self.input != "sequence" or self.positions != self.shape[:1]):
+            raise BiozooError("an online DataSpec is a sequence (L, F) with a target at each of its L steps")
 
     # the numbers builders take
     @property
@@ -155,7 +161,7 @@ class DataSpec:
     def describe_input(self) -> str:
         if self.input == "tokens":
             return f"{INPUT_WORDS['tokens']} ({self.extras.get('stream', 'tokens')})"
-        return f"{INPUT_WORDS[self.input]} {self.shape}"
+        return f"{'online ' if self.online else ''}{INPUT_WORDS[self.input]} {self.shape}"
 
     def describe_target(self) -> str:
         where = f" at {self.positions} positions" if self.positions else ""

@@ -34,6 +34,7 @@ commands:
   export RUN_CKPT OUT_DIR           a Lightning .ckpt -> config.json + model.safetensors
   convert FORMAT SRC OUT_DIR        a foreign checkpoint (e.g. an official CTM one) -> the same format
   matrix [--run --steps N]          which task x model config pairs fit (and a short run of each that does)
+  profile -c TASK -c MODEL          what a model costs on a task's data: parameters, MACs, ticks, sparsity, time
   configs [PATTERN]                 the configs shipped with biozoo; `-c configs/X.yaml` finds them from any folder
   --version                         the installed version
 
@@ -41,6 +42,8 @@ Help on one command: biozoo fit --help, biozoo convert --help, ...
 Errors print one line; BIOZOO_DEBUG=1 (or --debug) shows the traceback."""
 
 CATALOG_PACKAGES = ("biozoo.envs", "biozoo.train")
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed
@@ -211,6 +214,12 @@ def _matrix(argv: list[str]) -> int:
     return matrix_main(argv)
 
 
+def _profile(argv: list[str]) -> int:
+    from biozoo.train.profile import main as profile_main
+
+    return profile_main(argv)
+
+
 def _configs(argv: list[str]) -> int:
     import fnmatch
 
@@ -228,7 +237,8 @@ def _configs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"list": _list, "export": _export, "convert": _convert, "matrix": _matrix, "configs": _configs}
+COMMANDS = {"list": _list, "export": _export, "convert": _convert, "matrix": _matrix, "configs": _configs,
+            "profile": _profile}
 
 
 def _one_line(error: BaseException) -> str:

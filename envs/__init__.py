@@ -24,6 +24,7 @@ _EXPORTS = {
     "ImageNetDataModule": "imagenet", "MazeDataModule": "mazes", "ParityDataModule": "parity",
     "QAMNISTDataModule": "qamnist", "SortingDataModule": "sorting",  # CTM tasks
     "SpikesDataModule": "spikes",  # Neuroformer spike windows
+    "NeuroGymDataModule": "neurogym", "NeuroGymEnv": "neurogym",  # NeuroGym's cognitive tasks
     "SwimmerEnv": "swimmer", "MaskVelocity": "classic",  # gymnasium environments
     "EnvDataModule": "control", "make_env": "control", "make_vec_env": "control",  # any env for the harness
 }

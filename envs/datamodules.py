@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from biozoo._core import DataNotFoundError, DataSpec
+from biozoo._core import BiozooError, DataNotFoundError, DataSpec
 
 
 def image_spec(channels: int, height: int, width: int, num_classes: int) -> DataSpec:
@@ -31,6 +31,17 @@ def spec_dims(spec: DataSpec) -> dict[str, Any]:
     """What the CLI links into a task (`data.dims` -> `model.init_args.data_dims`): the spec itself (primitives)
     and the builder arguments derived from it (in_features, in_channels, input_size, out_dims, ...)."""
     return {**spec.builder_kwargs(), "spec": spec.to_dict()}
+
+
+def linked_dims(datamodule: Any) -> dict[str, Any]:
+    """What the CLI links from any DataModule: its `.spec` (the one contract), as `spec_dims`. A DataModule without
+    a DataSpec `.spec` is refused here, in one line, rather than failing later on a shape."""
+    spec = getattr(datamodule, "spec", None)
+    if not isinstance(spec, DataSpec):
+        raise BiozooError(f"{type(datamodule).__name__} has no `.spec`: a DataModule tells models what its data are "
+                          "with a biozoo DataSpec (`spec` property), e.g. DataSpec('sequence', (L, F), 'classes', "
+                          "num_classes=C)")
+    return spec_dims(spec)
 
 
 def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:

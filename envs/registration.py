@@ -24,6 +24,9 @@ ENVS: dict[str, dict[str, Any]] = {
                                 "kwargs": {"base": "Acrobot-v1"}},
     "biozoo/MiniGrid-FourRooms-v0": {"entry_point": "biozoo.envs.minigrid_view:make_minigrid",
                                      "max_episode_steps": 300, "kwargs": {"base": "MiniGrid-FourRooms-v0"}},
+    # any NeuroGym id as `task=` (needs neurogym, see envs/neurogym.py); an episode is 1000 steps of trials
+    "biozoo/NeuroGym-v0": {"entry_point": "biozoo.envs.neurogym:NeuroGymEnv", "max_episode_steps": 1000,
+                           "kwargs": {"task": "PerceptualDecisionMaking-v0"}},
 }
 
 

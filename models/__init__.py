@@ -12,6 +12,8 @@ from . import ccrnn  # noqa: F401  (registers ccrnn, ccrnn_linedraw, ccrnn_seqmn
 from . import taugate  # noqa: F401  (registers the hidden taugate rebuilder)
 from . import ctm  # noqa: F401  (registers ctm, ctm_lstm, ctm_parity, ctm_sort and the sakana-ctm format)
 from . import ctm_variants  # noqa: F401  (registers ctm_qamnist, ctm_rl, ctm_rl_agent)
+from . import ctm_online  # noqa: F401  (registers ctm_online)
+from . import peers  # noqa: F401  (registers cfc, ltc, lif_snn: their libraries load when one is built)
 from . import dendrites  # noqa: F401  (registers the hidden dendrites rebuilder)
 from . import neuroformer  # noqa: F401  (registers neuroformer, neuroformer_official)
 from . import weights  # noqa: F401  (registers the shipped pretrained checkpoints)

@@ -172,8 +172,9 @@ def model_class(builder: Callable) -> type | None:
 def kwargs_for_spec(name: str, spec: DataSpec, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The builder's arguments for a task's data: derived from the spec by the model's `spec_kwargs`, the explicit
     `kwargs` merged in by it. Raises a one-line SpecError when the model cannot take the data (`reads`, the input
-    kinds it takes, `streams` for token inputs, and `predicts`, the target kinds). A builder function declares
-    these itself (`ctm_parity.reads = ...`) or inherits them from the class it returns."""
+    kinds it takes, `streams` for token inputs, and `predicts`, the target kinds; `online = True` for a model that
+    answers step t from steps <= t, the only kind an online task links). A builder function declares these itself
+    (`ctm_parity.reads = ...`) or inherits them from the class it returns."""
     builder = get_builder(name)
     cls = model_class(builder)
     declared = lambda attr, default=None: getattr(builder, attr, getattr(cls, attr, default))  # noqa: E731
@@ -189,6 +190,9 @@ def kwargs_for_spec(name: str, spec: DataSpec, kwargs: dict[str, Any] | None = N
     if spec.target not in predicts:
         raise SpecError(f"{name} cannot predict {spec.describe_target()}: it predicts "
                         f"{' or '.join(TARGET_WORDS[p] for p in predicts)}")
+    if spec.online and not declared("online", False):
+        raise SpecError(f"{name} cannot take {spec.describe_input()}: it reads the whole sequence, so its answer at "
+                        "step t would see later steps (an online task answers from steps <= t)")
     explicit = dict(kwargs or {})
     fit = declared("spec_kwargs")
     if fit is None:

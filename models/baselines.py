@@ -85,6 +85,7 @@ class MLP(PretrainedMixin, nn.Module):
 @register_model(name="lstm")
 class LSTMClassifier(PretrainedMixin, nn.Module):
     reads = ("sequence", "image", "observation")
+    online = True  # per step, the answer at t reads steps <= t
 
     def __init__(self, input_size: int = 8, num_classes: int = 10, hidden_size: int = 128, num_layers: int = 1,
                  dropout: float = 0.0, per_step: bool = False, positions: list[int] | None = None):
@@ -102,6 +103,11 @@ class LSTMClassifier(PretrainedMixin, nn.Module):
             return {"input_size": spec.in_features, "num_classes": spec.classes, **kwargs}
         length, features = spec.sequence_shape
         per_step = spec.positions == (length,)  # one answer per input step (parity): read every step
+        if spec.online and kwargs.get("per_step") is False:
+            from biozoo._core import SpecError
+
+            raise SpecError(f"lstm cannot take {spec.describe_input()} with per_step=False: it would answer every "
+                            "step from the last")
         return {"input_size": features, "num_classes": spec.classes, "per_step": per_step,
                 "positions": None if per_step else (list(spec.positions) or None), **kwargs}
 
@@ -138,12 +144,19 @@ def as_steps(x: torch.Tensor, input_size: int) -> torch.Tensor:
 @register_model(name="transformer")
 class TransformerClassifier(PretrainedMixin, nn.Module):
     reads = ("sequence", "image")
+    online = True  # on an online task it is built causal: token t attends to tokens <= t
 
     def __init__(self, input_size: int = 8, seq_len: int = 8, num_classes: int = 10, d_model: int = 64,
                  heads: int = 4, layers: int = 2, dim_feedforward: int = 128, activation: str = "gelu",
-                 dropout: float = 0.0, per_step: bool = False, positions: list[int] | None = None):
+                 dropout: float = 0.0, per_step: bool = False, positions: list[int] | None = None,
+                 causal: bool = False):
         super().__init__()
+        if causal and not per_step:
+            from .errors import BiozooError
+
+            raise BiozooError("a causal transformer answers per step (per_step=True); a pooled answer reads every step")
         self.input_size, self.seq_len, self.num_classes, self.per_step = input_size, seq_len, num_classes, per_step
+        self.causal = causal
         self.positions = list(positions) if positions and not per_step else None
         self.embed = nn.Linear(input_size, d_model)
         self.pos = nn.Parameter(torch.randn(1, seq_len, d_model) * 0.02)
@@ -156,8 +169,13 @@ class TransformerClassifier(PretrainedMixin, nn.Module):
     def spec_kwargs(cls, spec: DataSpec, kwargs: dict) -> dict:
         length, features = spec.sequence_shape
         per_step = spec.positions == (length,)
+        if spec.online and kwargs.get("causal") is False:
+            from biozoo._core import SpecError
+
+            raise SpecError(f"transformer cannot take {spec.describe_input()} with causal=False: its answer at step t "
+                            "would see later steps")
         return {"input_size": features, "seq_len": length, "num_classes": spec.classes, "per_step": per_step,
-                "positions": None if per_step else (list(spec.positions) or None), **kwargs}
+                "positions": None if per_step else (list(spec.positions) or None), "causal": spec.online, **kwargs}
 
     def fused_path_is_exact(self) -> bool:
         """True while every layer of the encoder is the plain module PyTorch's fused path reads."""
@@ -166,12 +184,13 @@ class TransformerClassifier(PretrainedMixin, nn.Module):
         return all(is_plain(m, *plain) for m in self.encoder.modules())
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(h.size(1), h.device, h.dtype) if self.causal else None
         if self.training or self.fused_path_is_exact():
-            return self.encoder(h)
+            return self.encoder(h, mask=mask, is_causal=self.causal)
         enabled = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            return self.encoder(h)
+            return self.encoder(h, mask=mask, is_causal=self.causal)
         finally:
             torch.backends.mha.set_fastpath_enabled(enabled)
 

@@ -70,6 +70,7 @@ class Cerebellum(nn.Module):
 @register_model(name="ccrnn")
 class CorticoCerebellarRNN(PretrainedMixin, nn.Module):
     reads = ("sequence", "observation")
+    online = True  # the cortex steps through time; readout "all" answers each step from the steps so far
 
     """Cortex (LSTM/GRU/RNN + linear readout) with an optional cerebellum predicting future gradients.
 

@@ -307,11 +307,11 @@ class ContinuousThoughtMachineRL(ContinuousThoughtMachine):
 
     def synchronisation(self, window: torch.Tensor) -> torch.Tensor:
         """(B, D, M) post-activation window -> (B, n(n+1)/2) decayed synchronisation of the last n neurons."""
-        last = window[:, -self.n_synch_out:].transpose(1, 2)  # (B, M, n)
+        last = window[:, -self.n_synch_out:]  # (B, n, M)
         i, j = torch.nonzero(self.diagonal_mask_out, as_tuple=True)
         decay = window_decay(window.size(-1), self.decay_params_out)  # (M, P)
-        products = last[:, :, i] * last[:, :, j]  # (B, M, P)
-        return (decay.unsqueeze(0) * products).sum(1) / torch.sqrt(decay.sum(0)).unsqueeze(0)
+        products = last.index_select(1, i) * last.index_select(1, j)  # (B, P, M)
+        return (products * decay.t().unsqueeze(0)).sum(-1) / torch.sqrt(decay.sum(0)).unsqueeze(0)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
                 track: bool = False) -> ModelOutput:

@@ -27,10 +27,11 @@ _EXPORTS = {
     "CTMReport": "ctm",
     "Calibration": "calibration",
     "NeuroformerTask": "neuroformer",
+    "profile": "profile",
 }
 # modules that call register_loss at import (ctm, ctm_ctc, ctm_maze, ctm_qamnist, neuroformer, and the built-ins)
 _LOSS_MODULES = ("losses", "ctm", "ctm_tasks", "neuroformer")
-_NO_LOSSES = ("callbacks", "loggers", "dendrites")  # names from these never resolve a loss
+_NO_LOSSES = ("callbacks", "loggers", "dendrites", "profile")  # names from these never resolve a loss
 _SUBMODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 
 __all__ = ["BiozooTask", "ExceptionCheckpoint", "LearningCurvePlot", "LossOutput", "RunCheckpoint",

@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from biozoo._core import BiozooError, CheckpointError, resolve_config_args
+from biozoo.envs.datamodules import linked_dims
 from biozoo.models import safe_torch_load
 
 from .callbacks import ExceptionCheckpoint, LearningCurvePlot, RestoreBest, RunCheckpoint
@@ -132,7 +133,8 @@ class BiozooCLI(LightningCLI):
         parser.add_lightning_class_args(LearningCurvePlot, "curve")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.link_arguments("data.dims", "model.init_args.data_dims", apply_on="instantiate")
+        # the DataModule's `.spec` is the one contract linked (envs.datamodules.linked_dims)
+        parser.link_arguments("data", "model.init_args.data_dims", compute_fn=linked_dims, apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         """Resolve `last`, check the file, and take the task's hyper-parameters from it. Unlike LightningCLI's,

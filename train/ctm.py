@@ -27,20 +27,23 @@ import torch.nn.functional as F
 
 from biozoo._core import BiozooError, ModelOutput, as_output
 
-from .losses import LossOutput, at_ticks, chosen_ticks, cross_entropy, min_and_certain, register_loss, tick_losses
+from .losses import (LossOutput, at_ticks, chosen_ticks, cross_entropy, label_weights, min_and_certain, register_loss,
+                     tick_losses)
 
 
 @register_loss("ctm")
 def ctm_loss(output: ModelOutput, target: torch.Tensor | None, use_most_certain: bool = True,
-             **_: Any) -> LossOutput:
+             ignore_index: int = -100, class_weights: list[float] | None = None, **_: Any) -> LossOutput:
     """The official CTM loss: mean of the CE at the min-loss tick and at the most-certain (or last) tick. For a
-    model without ticks both are its one output: plain cross-entropy."""
+    model without ticks both are its one output: plain cross-entropy. Positions labelled `ignore_index` are
+    masked out of each sample's mean; `class_weights` weigh each position by its label."""
     ticks_logits, certainties = as_output(output).per_tick()
     certain = chosen_ticks(certainties, use_most_certain)
     logits = at_ticks(ticks_logits, certain)
     if target is None:
         return LossOutput(logits.new_zeros(()), logits)
-    loss = min_and_certain(tick_losses(ticks_logits, target), certain)
+    weight = label_weights(class_weights, ticks_logits)
+    loss = min_and_certain(tick_losses(ticks_logits, target, ignore_index, weight), certain)
     return LossOutput(loss, logits, {"certain_tick": certain.float().mean() + 1})
 
 

@@ -49,12 +49,25 @@ def list_losses() -> list[str]:
 
 @register_loss("cross_entropy")
 def cross_entropy(output: ModelOutput, target: torch.Tensor, label_smoothing: float = 0.0,
-                  ignore_index: int = -100, **_: Any) -> LossOutput:
-    """Classification, (B, C) vs (B,), or per position, (B, C, *P) vs (B, *P)."""
+                  ignore_index: int = -100, class_weights: list[float] | None = None, **_: Any) -> LossOutput:
+    """Classification, (B, C) vs (B,), or per position, (B, C, *P) vs (B, *P). Steps labelled `ignore_index` are
+    masked; `class_weights` weigh each step by its label (e.g. NeuroGym's fixation steps down), the mean is over
+    the weights."""
     output = as_output(output).logits
     if target is None:
         return LossOutput(output.new_zeros(()), output)
-    return LossOutput(F.cross_entropy(output, target, label_smoothing=label_smoothing, ignore_index=ignore_index), output)
+    weight = label_weights(class_weights, output)
+    return LossOutput(F.cross_entropy(output, target, weight=weight, label_smoothing=label_smoothing,
+                                      ignore_index=ignore_index), output)
+
+
+def label_weights(class_weights: list[float] | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """`class_weights` as a tensor of one weight per class (None stays None), checked against the logits."""
+    if class_weights is None:
+        return None
+    if len(class_weights) != logits.shape[1]:
+        raise BiozooError(f"class_weights has {len(class_weights)} weights for {logits.shape[1]} classes")
+    return torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
 
 
 @register_loss("mse")
@@ -75,14 +88,23 @@ def at_ticks(ticks_logits: torch.Tensor, ticks: torch.Tensor) -> torch.Tensor:
     return ticks_logits[torch.arange(len(ticks), device=ticks.device), ..., ticks]
 
 
-def tick_losses(ticks_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample and tick (B, T), averaged over positions: (B, C, *P, T) vs (B, *P)."""
+def tick_losses(ticks_logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy per sample and tick (B, T), averaged over the positions that count: (B, C, *P, T) vs
+    (B, *P). Positions labelled `ignore_index` are left out of the mean (not averaged in as zeros); `weight` (C,)
+    weighs each position by its label."""
     if target.shape[1:] != ticks_logits.shape[2:-1]:
         raise BiozooError(f"targets {tuple(target.shape)} do not match the model's per-tick logits "
                           f"{tuple(ticks_logits.shape)} (B, C, *positions, T)")
-    ce = F.cross_entropy(ticks_logits, target.unsqueeze(-1).expand(*target.shape, ticks_logits.shape[-1]),
-                         reduction="none")  # (B, *P, T)
-    return ce.flatten(1, -2).mean(1) if ce.dim() > 2 else ce
+    ticks = ticks_logits.shape[-1]
+    ce = F.cross_entropy(ticks_logits, target.unsqueeze(-1).expand(*target.shape, ticks), weight=weight,
+                         ignore_index=ignore_index, reduction="none")  # (B, *P, T), weighted, 0 where ignored
+    if ce.dim() == 2:
+        return ce
+    valid = target != ignore_index
+    w = valid.to(ce.dtype) if weight is None else torch.where(valid, weight[target.clamp(min=0)], 0).to(ce.dtype)
+    w = w.flatten(1)  # (B, P)
+    return ce.flatten(1, -2).sum(1) / w.sum(1, keepdim=True).clamp(min=torch.finfo(ce.dtype).tiny)
 
 
 def chosen_ticks(certainties: torch.Tensor, use_most_certain: bool = True) -> torch.Tensor:

@@ -7,6 +7,7 @@ otherwise the reason is that check's one line.
 
     biozoo matrix                         # the fit table
     biozoo matrix --run --steps 2         # train every fitting pair for 2 steps on small generated data
+    biozoo matrix --cost --tasks neurogym # with each fitting pair's parameters and MACs per sample (biozoo profile)
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class PairResult:
     value: float = math.nan
     reason: str = ""
     shape: tuple[int, ...] = ()  # the scored logits' shape on one validation batch (supervised tasks)
+    parameters: int = 0  # the cost columns: `biozoo.train.profile` of the model on a batch of the task's inputs
+    macs: float = math.nan
 
 
 def run_pair(task: Path, model: Path, steps: int = 2, root: Path | None = None, extra: list[str] | None = None,
@@ -159,10 +162,15 @@ def run_pair(task: Path, model: Path, steps: int = 2, root: Path | None = None, 
         result.seconds = time.perf_counter() - start
     from biozoo.train.tasks import SupervisedTask
 
+    example = None
     if isinstance(cli.model, SupervisedTask):
         x, y = next(iter(cli.datamodule.val_dataloader()))
         with torch.no_grad():
             result.shape = tuple(cli.model.loss_fn(cli.model.model(x), y, **cli.model.loss_kwargs).logits.shape)
+        example = x
+    elif task_spec(task).input == "observation":
+        example = torch.randn(2, *task_spec(task).shape)
+    add_cost(result, cli.model.model, example)
     metrics = cli.trainer.callback_metrics
     loss = metrics.get("train/loss_epoch", metrics.get("train/loss_step", metrics.get("train/loss")))
     result.loss = float(loss) if loss is not None else math.nan
@@ -175,6 +183,18 @@ def run_pair(task: Path, model: Path, steps: int = 2, root: Path | None = None, 
     if not ok:
         result.reason = "no finite loss was logged"
     return result
+
+
+def add_cost(result: PairResult, model: torch.nn.Module, example: Any) -> None:
+    """The pair's cost columns: parameters, and MACs per sample where an example input is at hand."""
+    from .profile import profile
+
+    result.parameters = sum(p.numel() for p in model.parameters())
+    if isinstance(example, torch.Tensor):
+        try:
+            result.macs = profile(model, example[:8], repeats=1)["macs"]
+        except Exception:  # noqa: BLE001 -- a cost that cannot be counted stays NaN; the row goes on
+            pass
 
 
 def is_control(task: Path) -> bool:
@@ -223,16 +243,36 @@ def fit_table(root: Path = CONFIGS) -> list[PairResult]:
             for t, tp in task_configs(root).items() for m, mp in model_configs(root).items()]
 
 
-def format_rows(rows: list[PairResult], run: bool) -> str:
-    lines = ["| task | model | " + ("result | seconds | final loss | metric |" if run else "fits |") + " reason |",
-             "|---|---|" + ("---|---|---|---|" if run else "---|") + "---|"]
+def cost_cells(r: PairResult) -> str:
+    macs = f"{r.macs:.3g}" if math.isfinite(r.macs) else "-"
+    return f"{r.parameters:,} | {macs}" if r.parameters else "- | -"
+
+
+def format_rows(rows: list[PairResult], run: bool, cost: bool = False) -> str:
+    cost = cost or run
+    lines = ["| task | model | " + ("result | seconds | final loss | metric |" if run else "fits |")
+             + (" parameters | MACs / sample |" if cost else "") + " reason |",
+             "|---|---|" + ("---|---|---|---|" if run else "---|") + ("---|---|" if cost else "") + "---|"]
     for r in rows:
+        extra = f" {cost_cells(r)} |" if cost else ""
         if run:
             value = f"{r.metric}={r.value:.3f}" if r.metric else ""
-            lines.append(f"| {r.task} | {r.model} | {r.status} | {r.seconds:.1f} | {r.loss:.4f} | {value} | {r.reason} |")
+            lines.append(f"| {r.task} | {r.model} | {r.status} | {r.seconds:.1f} | {r.loss:.4f} | {value} |{extra} "
+                         f"{r.reason} |")
         else:
-            lines.append(f"| {r.task} | {r.model} | {'yes' if r.status == 'fits' else 'no'} | {r.reason} |")
+            lines.append(f"| {r.task} | {r.model} | {'yes' if r.status == 'fits' else 'no'} |{extra} {r.reason} |")
     return "\n".join(lines)
+
+
+def pair_cost(task: Path, model: Path, result: PairResult) -> None:
+    """Fill a fitting pair's cost columns without training (`biozoo matrix --cost`)."""
+    from .profile import profile_pair
+
+    try:
+        p = profile_pair(task, model, batch_size=2, repeats=1)
+    except Exception:  # noqa: BLE001 -- e.g. data that are not on disk; the table goes on
+        return
+    result.parameters, result.macs = p["parameters"], p["macs"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tasks", nargs="*", default=None, help="only these task configs (by name)")
     parser.add_argument("--models", nargs="*", default=None, help="only these model configs (by name)")
+    parser.add_argument("--cost", action="store_true", help="add parameters and MACs per sample (biozoo profile)")
     args = parser.parse_args(argv)
     tasks, models = task_configs(args.configs), model_configs(args.configs)
     if not tasks or not models:
@@ -261,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 reason = check_pair(tp, mp)
                 row = PairResult(t, m, "fits" if reason is None else "no fit", reason=reason or "")
+                if args.cost and reason is None:
+                    pair_cost(tp, mp, row)
             rows.append(row)
             if args.run:
                 print(format_rows([row], True).splitlines()[-1], flush=True)
     if not args.run:
-        print(format_rows(rows, False))
+        print(format_rows(rows, False, args.cost))
     fits = sum(r.status in ("fits", "pass", "fail") for r in rows)
     passed = sum(r.status == "pass" for r in rows)
     print(f"\n{fits} of {len(rows)} pairs fit" + (f"; {passed} passed {args.steps} steps" if args.run else ""))

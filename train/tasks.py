@@ -139,6 +139,10 @@ class SupervisedTask(BiozooTask):
         self.metric_name = "acc" if self.classification else "mse"
         self.train_metric, self.val_metric, self.test_metric = make(), make(), make()
         self.val_best = MaxMetric() if self.classification else None
+        # the decision period (NeuroGym: steps whose label is not fixation), scored as NeuroGym scores its tasks
+        self.fixation = spec.extras.get("fixation_label") if spec is not None and self.classification else None
+        self.decision_metric = nn.ModuleDict({f"{s}_acc": make() for s in ("train", "val", "test")}) \
+            if self.fixation is not None else None
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -160,6 +164,10 @@ class SupervisedTask(BiozooTask):
             self.log(f"{stage}/loss", mean, prog_bar=True, on_step=False, on_epoch=True)
         metric(out.logits.detach().contiguous(), y)  # torchmetrics' regression metrics flatten with .view
         self.log(f"{stage}/{self.metric_name}", metric, prog_bar=True, on_step=False, on_epoch=True)
+        if self.decision_metric is not None:
+            decision = self.decision_metric[f"{stage}_acc"]
+            decision(out.logits.detach().contiguous(), y.masked_fill(y == self.fixation, -100))
+            self.log(f"{stage}/acc_decision", decision, prog_bar=True, on_step=False, on_epoch=True)
         for name, value in out.extras.items():
             if value.numel() == 1:
                 self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=sync)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biozoo._core import DataSpec
+from biozoo._core import DataSpec, SpecError
 
 from .._fused import is_plain
 from .._hub import PretrainedMixin
@@ -650,12 +650,17 @@ class TickedModelBase(PretrainedMixin, nn.Module):
         if spec.input == "sequence":
             if spec.extras.get("binary_tokens"):
                 tokens = {"backbone_type": "parity_backbone", "positional_embedding_type": "custom-rotational-1d"}
-            else:
-                tokens = {"backbone_type": "sequence", "positional_embedding_type": "none",
+            else:  # the 1-D rotational positions: without them attention over the steps is blind to their order
+                tokens = {"backbone_type": "sequence", "positional_embedding_type": "custom-rotational-1d",
                           "in_channels": spec.sequence_shape[1]}
-            return {**derived, **kwargs, **tokens}
-        return {**derived, **kwargs, "heads": 0, "n_synch_action": 0, "backbone_type": "none",
-                "positional_embedding_type": "none", "d_input": spec.in_features}
+            return {**derived, **tokens, **kwargs}  # the user's settings are honoured
+        # flat inputs have no tokens to attend over: a generic config's heads and action synchronisation are unused
+        direct = {"heads": 0, "n_synch_action": 0, "backbone_type": "none", "positional_embedding_type": "none"}
+        clash = sorted(k for k in ("backbone_type", "positional_embedding_type") if kwargs.get(k, "none") != "none")
+        if clash:
+            raise SpecError(f"{getattr(cls, 'registry_name', cls.__name__)} feeds {spec.describe_input()} straight into its synapses (no attention): "
+                            f"it cannot take {', '.join(f'{k}={kwargs[k]!r}' for k in clash)}")
+        return {**derived, **kwargs, **direct, "d_input": spec.in_features}
 
     def check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__

@@ -43,6 +43,9 @@ def ctm_sort(d_input: int = 30, out_dims: int | None = None, iterations: int = 5
 
 
 def _parity_spec(spec: DataSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not spec.extras.get("binary_tokens"):
+        raise SpecError(f"ctm_parity cannot take {spec.describe_input()}: it reads +-1 tokens (L,) through the "
+                        "parity embedding")
     if spec.classes != 2 or spec.positions != spec.shape[:1]:
         raise SpecError(f"ctm_parity cannot predict {spec.describe_target()}: it predicts 2 classes at every position")
     return {"seq_len": spec.shape[0], **kwargs}
