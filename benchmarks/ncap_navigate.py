@@ -35,8 +35,8 @@ def bneurons(model: torch.nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def episode(model: torch.nn.Module, seed: int, n_links: int = 6) -> dict[str, Any]:
-    env = make_env(ENV, n_links=n_links)
+def episode(model: torch.nn.Module, seed: int, n_links: int = 6, steps: int | None = None) -> dict[str, Any]:
+    env = make_env(ENV, max_episode_steps=steps, n_links=n_links)
     actor = as_policy(model, env_spec(env, ENV, {"n_links": n_links}), critic=False).eval()
     obs, _ = env.reset(seed=seed)
     target = env.unwrapped.model.geom("target").pos[:2].copy()
@@ -83,12 +83,17 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--plot-episodes", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true", help="one 20-step episode per policy (tests the code path)")
     args = ap.parse_args()
+    steps = None
+    if args.smoke:
+        args.episodes, args.detail, args.plot_episodes, steps = 1, 1, 1, 20
     torch.set_num_threads(1)
     rows, paths = [], {}
     for name, model in policies(args.trained, args.mlp).items():
-        rets = np.array(evaluate(model, ENV, args.episodes, seed=args.seed, n_links=6))
-        eps = [episode(model, args.seed + i) for i in range(args.detail)]
+        extra = {} if steps is None else {"max_episode_steps": steps}
+        rets = np.array(evaluate(model, ENV, args.episodes, seed=args.seed, n_links=6, **extra))
+        eps = [episode(model, args.seed + i, steps=steps) for i in range(args.detail)]
         active = sum(e["active"] for e in eps)
         coact = sum(e["coactive"] for e in eps) / active if active else float("nan")
         weights = {k: round(float(v.mean()), 3) for k, v in getattr(model, "effective_weights", dict)().items()}

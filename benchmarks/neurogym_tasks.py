@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--root", type=Path, default=Path("runs/bench_neurogym"))
+    parser.add_argument("--smoke", action="store_true", help="2 steps of the LSTM on GoNogo (tests the code path)")
     args = parser.parse_args()
+    if args.smoke:
+        args.tasks, args.models, args.steps, args.root = ["GoNogo-v0"], ["lstm"], 2, args.out / "runs"
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "neurogym.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []

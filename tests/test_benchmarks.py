@@ -23,6 +23,8 @@ SMOKE = {
     "ccrnn.py": (["--smoke", "--out", "{out}"], "gap closed", True),
     "cli_startup.py": (["--smoke"], "slowest light command", True),
     "dendrites.py": (["overhead", "--smoke"], "ours k=3", True),
+    "ncap_navigate.py": (["--smoke", "--plot", "{out}/paths.png"], "NCAP navigation", True),
+    "neurogym_tasks.py": (["--smoke", "--out", "{out}"], "GoNogo-v0 lstm: decision", True),
     "neuroformer.py": (["--smoke", "--out", "{out}"], "rate r:", True),
     "swimmer_learning.py": (["run", "--smoke", "--out", "{out}/run.json"], "transfer of the 6-link", True),
     "swimmer_throughput.py": (["--smoke"], "ratio 8 sync vector envs", True),
