@@ -71,13 +71,14 @@ def main() -> None:
     if args.smoke:
         args.steps, args.rounds = 80, 1
 
+    # biozoo.train (torch, torchvision) before mujoco: under MUJOCO_GL=osmesa, importing triton after mujoco has
+    # loaded OSMesa segfaults
+    from biozoo.train.control import make_env
+    import biozoo.envs  # noqa: F401
+    from biozoo.envs.swimmer import SwimmerEnv
     import gymnasium as gym
     import mujoco
     import torch
-
-    import biozoo.envs  # noqa: F401
-    from biozoo.envs.swimmer import SwimmerEnv
-    from biozoo.train.control import make_env
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
