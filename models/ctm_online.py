@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from biozoo._core import DataSpec, ModelOutput, SpecError
+from biozoo._core import ModelOutput
 
 from ._hub import PretrainedMixin
 from ._registry import register_model
 from .ctm_variants import ContinuousThoughtMachineRL, synch_step
 from .errors import check_shape
+from .peers import StepModel
 
 
 @register_model(name="ctm_online")
@@ -31,14 +32,7 @@ class OnlineCTM(PretrainedMixin, nn.Module):
     predicts = ("classes", "regression", "discrete_actions", "continuous_actions")
     online = True
 
-    @classmethod
-    def spec_kwargs(cls, spec: DataSpec, kwargs: dict) -> dict:
-        if spec.input == "observation":
-            return {"input_size": spec.in_features, "num_classes": spec.classes, **kwargs}
-        length, features = spec.sequence_shape
-        if spec.positions not in ((), (length,)):
-            raise SpecError(f"ctm_online cannot predict {spec.describe_target()}: it answers at every step or the last")
-        return {"input_size": features, "num_classes": spec.classes, "per_step": bool(spec.positions), **kwargs}
+    spec_kwargs = classmethod(StepModel.spec_kwargs.__func__)  # one answer per step, or the last
 
     def __init__(self, input_size: int = 3, num_classes: int = 3, ticks_per_step: int = 2, d_model: int = 128,
                  d_input: int = 64, n_synch_out: int = 32, synapse_depth: int = 1, memory_length: int = 8,

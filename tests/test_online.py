@@ -4,6 +4,7 @@ gives the CTM is honoured or refused, never replaced."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,7 @@ def shuffled_change(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def test_the_ctm_reads_time_order():
     torch.manual_seed(2)
+    np.random.seed(2)  # the CTM draws its synchronisation pairs with numpy (as the official code does)
     offline = DataSpec("sequence", (8, 8), "classes", num_classes=10)  # seqdigits: rows as tokens, one answer
     x = torch.randn(2, 8, 8)
     blind = create_model("ctm", **kwargs_for_spec("ctm", offline, {**model_entry(MODELS["ctm"])[1],
