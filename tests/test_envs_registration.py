@@ -21,7 +21,7 @@ def test_import_biozoo_registers_every_env_without_loading_lightning_or_mujoco()
                      "print(json.dumps({'heavy': heavy, 'ids': ids, 'obs': len(obs)}))")
     assert out["heavy"] == []
     assert out["ids"] == ["biozoo/AcrobotMasked-v1", "biozoo/CartPoleMasked-v1", "biozoo/MiniGrid-FourRooms-v0",
-                          "biozoo/Swimmer-v0", "biozoo/SwimmerNavigate-v0"]
+                          "biozoo/NeuroGym-v0", "biozoo/Swimmer-v0", "biozoo/SwimmerNavigate-v0"]
     assert out["obs"] > 0
 
 
