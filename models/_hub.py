@@ -244,8 +244,9 @@ def model_from_config(config: dict[str, Any], source: Path | str, weights_file: 
         try:
             with torch.device("meta"):
                 skeleton = build()
-        except (CheckpointError, RuntimeError, NotImplementedError):
-            skeleton = None  # a builder that computes on its tensors cannot run on meta: checked after the build
+        except (BiozooError, RuntimeError, NotImplementedError):
+            skeleton = None  # a builder that computes on its tensors (a TauGate traces a forward) cannot run on
+            # meta: the real build below checks (and raises what the meta build raised, if it was the kwargs)
         if skeleton is not None:
             check_state_dict(skeleton, {k: shape for k, (shape, _) in header.items()}, weights_file)
             tied: dict[int, list[str]] = {}  # a tied tensor is stored once, under one of its names
